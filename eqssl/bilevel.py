@@ -1,0 +1,207 @@
+"""The first-order equilibrium gradient: Algorithm 1 of PTEC/PTLOC (arXiv 2508.19990).
+
+For every shard ``i`` with loss ``g_i`` and weight ``w_i``::
+
+    φ_i^0 = θ
+    φ_i^k = φ_i^{k-1} - α ∇g_i(φ_i^{k-1})        k = 1 … K   (plain SGD, restarted each update)
+    G_i   = ∇g_i(φ_i^K)
+
+and ``Σ_i w_i G_i`` is added to ``θ.grad``; the outer optimizer then steps with it. The Hessian
+products of the exact bilevel gradient are dropped (first-order approximation), so no
+second-order graph is ever built. This is first-order MAML with the query batch equal to the
+support batch, not Reptile.
+
+Pure PyTorch on purpose: nothing here knows about fairseq. The fairseq task passes in what its
+trainer needs (the loss-scaled ``backward``, a ``no_sync`` context for DDP) as arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+Closure = Callable[[], torch.Tensor]
+
+
+@dataclass
+class ShardRecord:
+    """What happened to one shard during one call of :func:`equilibrium_backward`."""
+
+    loss_before: float
+    """g_i(θ): the shard's loss at the shared parameters."""
+    loss_after: float
+    """g_i(φ_i^K): the loss after the K inner steps (equals ``loss_before`` when K = 0)."""
+    weight: float
+    """w_i, the weight its gradient entered the outer sum with."""
+    inner_losses: List[float] = field(default_factory=list)
+    """g_i(φ_i^k) for k = 0 … K-1, the losses the inner steps were taken on."""
+    dropped: bool = False
+    """True when a non-finite loss or gradient appeared: the shard added nothing to ``.grad``."""
+
+    @property
+    def gap(self) -> float:
+        """The equilibrium gap g_i(θ) - g_i(φ_i^K): how far θ is from the shard's K-step optimum."""
+        return self.loss_before - self.loss_after
+
+
+class _RandomState:
+    """Snapshot of every random generator a loss may draw from (masks, negatives, dropout)."""
+
+    def __init__(self, cuda_devices: Sequence[torch.device]) -> None:
+        self.cuda_devices = list(cuda_devices)
+        self.torch = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
+        self.numpy = np.random.get_state()
+        self.python = random.getstate()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        for device, state in zip(self.cuda_devices, self.cuda):
+            torch.cuda.set_rng_state(state, device)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+def _check_arguments(
+    n_shards: int, inner_steps: int, inner_lr: float, weights: Optional[Sequence[float]]
+) -> List[float]:
+    """Validate the call and return the shard weights (uniform 1/M by default)."""
+    if n_shards == 0:
+        raise ValueError("equilibrium_backward needs at least one shard closure")
+    if not isinstance(inner_steps, int) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+    if inner_steps > 0 and not (inner_lr > 0 and math.isfinite(inner_lr)):
+        raise ValueError(f"inner_lr must be a finite number > 0, got {inner_lr!r}")
+    if weights is None:
+        return [1.0 / n_shards] * n_shards
+    weights = [float(w) for w in weights]
+    if len(weights) != n_shards:
+        raise ValueError(f"got {len(weights)} weights for {n_shards} shard closures")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"shard weights must be finite and >= 0, got {weights}")
+    return weights
+
+
+def _all_finite(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return True
+    norms = torch._foreach_norm(present, float("inf"))
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def equilibrium_backward(
+    model: torch.nn.Module,
+    closures: Sequence[Closure],
+    inner_steps: int,
+    inner_lr: float,
+    weights: Optional[Sequence[float]] = None,
+    *,
+    inner_closures: Optional[Sequence[Closure]] = None,
+    backward: Optional[Callable[[torch.Tensor], None]] = None,
+    outer_context: Optional[Callable[[int], ContextManager]] = None,
+    inner_loss_scale: float = 1.0,
+    same_randomness: bool = True,
+) -> List[ShardRecord]:
+    """Add the first-order equilibrium gradient ``Σ_i w_i ∇g_i(φ_i^K)`` to every trainable ``.grad``.
+
+    Args:
+        model: the module whose trainable parameters are θ. They are exactly (bitwise) as on
+            entry when this returns; only their ``.grad`` changes.
+        closures: one zero-argument callable per shard returning its scalar loss g_i at the
+            module's current parameters.
+        inner_steps: K, plain SGD steps per shard from θ. 0 gives the plain weighted average
+            gradient at θ, i.e. conventional (CSSL) training.
+        inner_lr: α, the inner SGD learning rate (ignored when ``inner_steps`` is 0).
+        weights: w_i; uniform 1/M when None.
+        inner_closures: losses for the inner steps when they must be computed differently from
+            the outer pass, e.g. on the module unwrapped from DistributedDataParallel so that
+            the inner backward passes trigger no gradient all-reduce. Default: ``closures``.
+        backward: runs the outer backward pass on ``w_i * g_i(φ_i^K)``; fairseq passes
+            ``optimizer.backward`` so that its fp16 loss scale is applied. Default:
+            ``loss.backward()``.
+        outer_context: ``outer_context(i)`` is entered around shard i's outer forward and
+            backward, e.g. ``model.no_sync()`` for all shards but the last under DDP.
+        inner_loss_scale: the inner losses are multiplied by this before differentiation and
+            the gradients divided by it again, so that fp16 gradients do not underflow while α
+            keeps its meaning.
+        same_randomness: evaluate each shard's loss with the same random state (masks,
+            negatives, dropout) at every point, so that g_i is one deterministic function of the
+            parameters and ``loss_before - loss_after`` measures adaptation, not sampling noise.
+
+    Returns:
+        One :class:`ShardRecord` per shard, in the order of ``closures``.
+
+    A shard whose loss or inner gradient becomes non-finite is dropped from the update: it adds
+    nothing to ``.grad`` and its record has ``dropped=True``.
+    """
+    weights = _check_arguments(len(closures), inner_steps, inner_lr, weights)
+    if inner_closures is None:
+        inner_closures = closures
+    elif len(inner_closures) != len(closures):
+        raise ValueError(f"got {len(inner_closures)} inner closures for {len(closures)} shards")
+    if backward is None:
+        backward = torch.Tensor.backward
+    if outer_context is None:
+        outer_context = lambda i: contextlib.nullcontext()  # noqa: E731
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+    # The one extra copy of the trainable parameters that φ_i is rebuilt from for every shard.
+    theta = [p.detach().clone() for p in params] if inner_steps > 0 else []
+
+    records = []
+    try:
+        for i, (closure, inner_closure) in enumerate(zip(closures, inner_closures)):
+            rng = _RandomState(cuda_devices) if same_randomness else None
+            record = ShardRecord(math.nan, math.nan, weights[i])
+            for _ in range(inner_steps):
+                if rng is not None:
+                    rng.restore()
+                loss = inner_closure()
+                record.inner_losses.append(loss.item())
+                if not math.isfinite(record.inner_losses[-1]):
+                    record.dropped = True
+                    break
+                grads = torch.autograd.grad(loss * inner_loss_scale, params, allow_unused=True)
+                del loss  # frees the graph before the step
+                if not _all_finite(grads):
+                    record.dropped = True
+                    break
+                stepped = [(p, g) for p, g in zip(params, grads) if g is not None]
+                if stepped:
+                    with torch.no_grad():
+                        torch._foreach_add_(
+                            [p for p, _ in stepped],
+                            [g.to(p.dtype) for p, g in stepped],
+                            alpha=-inner_lr / inner_loss_scale,
+                        )
+                del grads, stepped
+            if not record.dropped:
+                if rng is not None:
+                    rng.restore()
+                with outer_context(i):
+                    loss = closure()
+                    record.loss_after = loss.item()
+                    if math.isfinite(record.loss_after):
+                        backward(loss * weights[i])
+                    else:
+                        record.dropped = True
+                    del loss
+            record.loss_before = record.inner_losses[0] if record.inner_losses else record.loss_after
+            if theta:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, theta)
+            records.append(record)
+    finally:
+        # Also on an exception (e.g. out of memory): leave θ as it was found.
+        if theta:
+            with torch.no_grad():
+                torch._foreach_copy_(params, theta)
+    return records

@@ -1,0 +1,1 @@
+from . import equilibrium_wav2vec  # noqa: F401

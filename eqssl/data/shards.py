@@ -1,0 +1,182 @@
+"""Several audio shards under one fairseq dataset, and how an update's batches are drawn from them.
+
+Each shard is an ordinary fairseq ``FileAudioDataset``. ``ShardedAudioDataset`` puts them under
+one index space so that fairseq's ``EpochBatchIterator`` (checkpointed position, worker
+sharding, prefetching) drives them unchanged; a "batch" of it is the union of one sub-batch per
+shard taking part in the update, and its collater returns ``{"shards": {name: fairseq sample}}``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from fairseq.data import FairseqDataset, data_utils
+
+from .manifests import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class ShardedAudioDataset(FairseqDataset):
+    """Audio datasets of several shards behind one index space."""
+
+    def __init__(self, split: str, shards: "OrderedDict[str, FairseqDataset]") -> None:
+        super().__init__()
+        self.split = split
+        self.names = list(shards)
+        self.datasets = list(shards.values())
+        self.offsets = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
+        self.sizes = np.concatenate([np.asarray(d.sizes) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, index: int) -> tuple:
+        """(shard position, index inside that shard) of a global index."""
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        shard, local = self.locate(index)
+        item = self.datasets[shard][local]
+        item["shard"] = shard
+        return item
+
+    def collater(self, samples: List[dict]) -> dict:
+        by_shard: Dict[int, List[dict]] = OrderedDict()
+        for item in samples:
+            by_shard.setdefault(item["shard"], []).append(item)
+        batches = OrderedDict()
+        for shard, items in by_shard.items():
+            batch = self.datasets[shard].collater(items)
+            if batch:
+                batches[self.names[shard]] = batch
+        return {"shards": batches} if batches else {}
+
+    def num_tokens(self, index: int) -> int:
+        shard, local = self.locate(index)
+        return self.datasets[shard].num_tokens(local)
+
+    def size(self, index: int) -> int:
+        shard, local = self.locate(index)
+        return self.datasets[shard].size(local)
+
+    def ordered_indices(self) -> np.ndarray:
+        return np.arange(len(self))
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+
+    @property
+    def supports_prefetch(self) -> bool:
+        return False
+
+
+@dataclass
+class Batching:
+    """How the batches of one epoch are built; see the task config for each field's meaning."""
+
+    max_tokens: Optional[int]
+    max_sentences: Optional[int]
+    required_batch_size_multiple: int
+    min_samples: int
+    seed: int
+    sampling: str = "all"
+    batch_size: str = "proportional"
+    shards_per_update: int = 0
+    temperature: float = 2.0
+
+
+def usable_indices(dataset: FairseqDataset, min_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """Shuffled-then-length-sorted indices of one shard's clips that are long enough to train on."""
+    with data_utils.numpy_seed(seed, epoch):
+        order = dataset.ordered_indices()
+    return order[np.asarray(dataset.sizes)[order] >= min_samples]
+
+
+def shard_batches(
+    data: ShardedAudioDataset, shard: int, max_tokens: Optional[int], batching: Batching, epoch: int
+) -> List[np.ndarray]:
+    """One shard's batches for an epoch, as global indices."""
+    dataset = data.datasets[shard]
+    indices = usable_indices(dataset, batching.min_samples, batching.seed + shard, epoch)
+    batches = dataset.batch_by_size(
+        indices,
+        max_tokens=max_tokens,
+        max_sentences=batching.max_sentences,
+        required_batch_size_multiple=batching.required_batch_size_multiple,
+    )
+    if len(batches) == 0:
+        raise DataError(
+            f"shard '{data.names[shard]}' ({data.split}): no batch could be formed from its "
+            f"{len(indices)} usable clips (dataset.required_batch_size_multiple="
+            f"{batching.required_batch_size_multiple} needs at least that many clips per batch; "
+            "set it to 1 for small shards)"
+        )
+    return [np.asarray(b, dtype=np.int64) + data.offsets[shard] for b in batches]
+
+
+def shard_audio_samples(data: ShardedAudioDataset, min_samples: int) -> np.ndarray:
+    """Audio samples each shard contributes to an epoch, after dropping short clips."""
+    return np.array(
+        [np.minimum(d.sizes[d.sizes >= min_samples], getattr(d, "max_sample_size", np.inf)).sum()
+         for d in data.datasets],
+        dtype=np.float64,
+    )
+
+
+def per_shard_max_tokens(data: ShardedAudioDataset, batching: Batching) -> List[Optional[int]]:
+    """Each shard's batch budget: ``max_tokens`` for all, or in proportion to its audio (paper)."""
+    if batching.max_tokens is None or batching.batch_size == "equal":
+        return [batching.max_tokens] * len(data.datasets)
+    amount = shard_audio_samples(data, batching.min_samples)
+    # Average budget stays max_tokens; a budget never drops below the longest (cropped) clip,
+    # which fairseq's batch_by_size would reject.
+    budgets = batching.max_tokens * len(amount) * amount / amount.sum()
+    longest = [int(np.minimum(d.sizes, getattr(d, "max_sample_size", np.inf)).max()) for d in data.datasets]
+    return [max(int(b), l) for b, l in zip(budgets, longest)]
+
+
+def sampling_probabilities(amount: Sequence[float], temperature: float) -> np.ndarray:
+    """XLS-R style shard sampling: p_i ∝ (n_i / Σ n)^(1/T); T=1 follows the data, T→∞ is uniform."""
+    share = np.asarray(amount, dtype=np.float64) / np.sum(amount)
+    p = share ** (1.0 / temperature)
+    return p / p.sum()
+
+
+def training_batches(data: ShardedAudioDataset, epoch: int, batching: Batching) -> List[np.ndarray]:
+    """The epoch's update batches, each the union of one batch per shard taking part."""
+    budgets = per_shard_max_tokens(data, batching)
+    per_shard = [shard_batches(data, s, budgets[s], batching, epoch) for s in range(len(budgets))]
+    rng = np.random.RandomState((batching.seed * 1009 + epoch) % 2**32)
+    for batches in per_shard:
+        rng.shuffle(batches)
+    if batching.sampling == "all":
+        # Every update takes one batch of every shard; the surplus batches of larger shards
+        # (already shuffled) are skipped.
+        updates = min(len(b) for b in per_shard)
+        return [np.concatenate([b[u] for b in per_shard]) for u in range(updates)]
+    chosen_per_update = batching.shards_per_update or len(per_shard)
+    p = sampling_probabilities(shard_audio_samples(data, batching.min_samples), batching.temperature)
+    updates = -(-sum(len(b) for b in per_shard) // chosen_per_update)
+    cursor = [0] * len(per_shard)
+    out = []
+    for _ in range(updates):
+        chosen = sorted(rng.choice(len(per_shard), chosen_per_update, replace=False, p=p))
+        parts = []
+        for s in chosen:
+            parts.append(per_shard[s][cursor[s] % len(per_shard[s])])
+            cursor[s] += 1
+        out.append(np.concatenate(parts))
+    return out
+
+
+def validation_batches(data: ShardedAudioDataset, epoch: int, batching: Batching) -> List[np.ndarray]:
+    """Every shard's batches, one shard per batch, nothing skipped or balanced."""
+    return [b for s in range(len(data.datasets)) for b in shard_batches(data, s, batching.max_tokens, batching, 1)]

@@ -1,0 +1,1 @@
+from . import eq_wav2vec2  # noqa: F401

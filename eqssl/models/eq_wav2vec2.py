@@ -1,0 +1,150 @@
+"""fairseq model ``eq_wav2vec2``: fairseq's wav2vec 2.0, startable from any released checkpoint.
+
+The network is fairseq's ``Wav2Vec2Model`` unchanged (same state dict, so eqssl checkpoints load
+wherever wav2vec 2.0 ones do). What it adds is ``init_from``: start from a stock fairseq wav2vec
+2.0 checkpoint (``wav2vec_small.pt``, XLS-R, …) or from an earlier eqssl round, taking the
+architecture from that checkpoint.
+"""
+
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.checkpoint_utils import load_checkpoint_to_cpu
+from fairseq.dataclass.utils import merge_with_parent
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+from fairseq.utils import safe_getattr
+from omegaconf import open_dict
+
+logger = logging.getLogger(__name__)
+
+# Fields that fix the shape of the network (and so of the state dict). With init_from they are
+# taken from the checkpoint; everything else (dropout, masking, negatives) stays the recipe's.
+ARCHITECTURE_FIELDS = (
+    "extractor_mode", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+    "encoder_attention_heads", "activation_fn", "layer_type", "final_dim", "layer_norm_first",
+    "conv_feature_layers", "conv_bias", "quantize_targets", "quantize_input", "same_quantizer",
+    "target_glu", "quantizer_depth", "quantizer_factor", "latent_vars", "latent_groups",
+    "latent_dim", "conv_pos", "conv_pos_groups", "pos_conv_depth", "max_positions",
+    "depthwise_conv_kernel_size", "attn_type", "pos_enc_type", "adp_num", "adp_dim",
+    "adp_act_fn", "adp_trf_idx",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with its path in the message."""
+
+
+@dataclass
+class EqWav2Vec2Config(Wav2Vec2Config):
+    init_from: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "start from this wav2vec 2.0 pre-training checkpoint: a stock fairseq one "
+            "(model wav2vec2, task audio_pretraining, e.g. wav2vec_small.pt or XLS-R) or an eqssl "
+            "one (an earlier CSSL/PTLOC round). Its architecture replaces the model fields that "
+            "fix the network's shape; optimizer and schedule start fresh. Ignored on resume: "
+            "checkpoint_last.pt in checkpoint.save_dir wins"
+        },
+    )
+
+
+def load_pretraining_checkpoint(path: str) -> dict:
+    """Load a wav2vec 2.0 pre-training checkpoint on CPU, with a clear error for anything else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"model.init_from={path}: no such file")
+    try:
+        # Old releases pickle an argparse.Namespace; allow it and nothing else arbitrary.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_checkpoint_to_cpu(path)
+    except Exception as error:
+        raise CheckpointError(
+            f"model.init_from={path}: not a readable fairseq checkpoint "
+            f"(truncated or corrupt?): {type(error).__name__}: {error}"
+        ) from None
+    model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or "model" not in state or model_cfg is None:
+        raise CheckpointError(f"model.init_from={path}: not a fairseq checkpoint (no model weights/config)")
+    name = model_cfg.get("_name") if hasattr(model_cfg, "get") else None
+    if name not in ("wav2vec2", "eq_wav2vec2") and not str(name).startswith("eq_wav2vec2"):
+        raise CheckpointError(
+            f"model.init_from={path}: holds a {name!r} model, not a wav2vec 2.0 pre-training "
+            "model (wav2vec2 / eq_wav2vec2); a fine-tuned wav2vec_ctc checkpoint cannot be pre-trained further"
+        )
+    return state
+
+
+@register_model("eq_wav2vec2", dataclass=EqWav2Vec2Config)
+class EqWav2Vec2Model(Wav2Vec2Model):
+    """fairseq's wav2vec 2.0; see the module docstring."""
+
+    @classmethod
+    def build_model(cls, cfg: EqWav2Vec2Config, task=None):
+        # A named size (_name: eq_wav2vec2_tiny) arrives as a partial config: fill in the defaults.
+        cfg = merge_with_parent(EqWav2Vec2Config(), cfg)
+        if cfg.no_mask_overlap or cfg.no_mask_channel_overlap:
+            raise ValueError(
+                "model.no_mask_overlap / no_mask_channel_overlap run fairseq code that uses np.int, "
+                "removed in numpy 1.24; eqssl pins numpy 2, so leave them false"
+            )
+        state = None
+        if cfg.init_from:
+            state = load_pretraining_checkpoint(cfg.init_from)
+            source = state["cfg"]["model"]
+            with open_dict(cfg):
+                for key in ARCHITECTURE_FIELDS:
+                    if key in source and key in cfg:
+                        cfg[key] = source[key]
+        model = cls(cfg)
+        if state is not None:
+            weights = model.upgrade_state_dict(state["model"]) or state["model"]
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"model.init_from={cfg.init_from}: weights do not fit the architecture "
+                    f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+                )
+            logger.info("initialised from %s (%s, %d updates)", cfg.init_from, source.get("_name"),
+                        (state.get("optimizer_history") or [{}])[-1].get("num_updates", 0))
+        return model
+
+    def actualised_config(self) -> dict:
+        """The shape fields this model was built with, to write back into the run's config so
+        that its checkpoints rebuild without the init_from file."""
+        return {key: self.cfg[key] for key in ARCHITECTURE_FIELDS if key in self.cfg}
+
+
+def _set_defaults(args, **defaults) -> None:
+    for key, value in defaults.items():
+        setattr(args, key, safe_getattr(args, key, value))
+
+
+@register_model_architecture("eq_wav2vec2", "eq_wav2vec2_tiny")
+def eq_wav2vec2_tiny(args) -> None:
+    """A few hundred thousand parameters: several updates per second on 2 CPU cores; for tests and demos."""
+    _set_defaults(
+        args,
+        encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+        encoder_attention_heads=2, final_dim=32, latent_vars=32, latent_groups=2,
+        conv_feature_layers="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2",
+        conv_pos=16, conv_pos_groups=4, quantize_targets=True, num_negatives=10,
+        mask_prob=0.5, mask_length=5, feature_grad_mult=0.1, encoder_layerdrop=0.0,
+        dropout_input=0.1, dropout_features=0.1,
+    )
+
+
+@register_model_architecture("eq_wav2vec2", "eq_wav2vec2_base")
+def eq_wav2vec2_base(args) -> None:
+    """The published wav2vec 2.0 BASE shape (95M parameters), as fairseq's wav2vec2_base_librispeech."""
+    _set_defaults(
+        args,
+        encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072,
+        encoder_attention_heads=12, final_dim=256, latent_vars=320, latent_groups=2,
+        quantize_targets=True, encoder_layerdrop=0.05, dropout_input=0.1, dropout_features=0.1,
+        feature_grad_mult=0.1,
+    )

@@ -1,0 +1,1 @@
+from . import equilibrium_pretraining  # noqa: F401

@@ -1,0 +1,369 @@
+"""fairseq task ``equilibrium_pretraining``: wav2vec 2.0 pre-training over shards with the
+equilibrium (PTLOC) update; ``inner_steps=0`` is conventional pre-training (CSSL)."""
+
+
+import contextlib
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+from fairseq.data import FileAudioDataset, iterators
+from fairseq.dataclass import ChoiceEnum
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.tasks import register_task
+from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
+from omegaconf import II, open_dict
+
+from ..bilevel import equilibrium_backward
+from ..data import DataError, check_audio, read_manifest, receptive_field
+from ..data.shards import (
+    Batching,
+    ShardedAudioDataset,
+    training_batches,
+    usable_indices,
+    validation_batches,
+)
+
+logger = logging.getLogger(__name__)
+
+PAPER_INNER_TO_OUTER_LR = 10.0
+
+
+@dataclass
+class EquilibriumPretrainingConfig(AudioPretrainingConfig):
+    shards: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated shard names, each a sub-folder of task.data holding a fairseq "
+            "audio manifest folder (train.tsv, valid.tsv); empty: every sub-folder with a train.tsv"
+        },
+    )
+    inner_steps: int = field(
+        default=1,
+        metadata={
+            "help": "K, plain SGD steps each shard takes from the shared model before its gradient "
+            "is taken (PTLOC); 0 is conventional pre-training (CSSL). The paper uses 1; 3 was no "
+            "better. An update costs K+1 forward/backward passes per shard"
+        },
+    )
+    inner_lr: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "alpha, the inner SGD learning rate on the per-target mean loss; empty: 10 x "
+            "optimization.lr (the paper's alpha/beta = 10). Must be > 0"
+        },
+    )
+    shard_weights: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated name:weight pairs (e.g. 'books:2,phone:1'); unlisted shards "
+            "weigh 1. Weights of the shards in an update are normalised to sum to 1"
+        },
+    )
+    shard_sampling: ChoiceEnum(["all", "temperature"]) = field(
+        default="all",
+        metadata={
+            "help": "'all' (the paper): every update takes one batch from every shard and the "
+            "surplus batches of larger shards are skipped at random; 'temperature': every update "
+            "takes shards_per_update shards drawn XLS-R style, p ~ (share of audio)^(1/T)"
+        },
+    )
+    shard_batch_size: ChoiceEnum(["proportional", "equal"]) = field(
+        default="proportional",
+        metadata={
+            "help": "'proportional' (the paper): each shard's batch budget is dataset.max_tokens x "
+            "M x its share of the audio, so all shards have about as many batches; 'equal': "
+            "every shard's batch budget is dataset.max_tokens"
+        },
+    )
+    shards_per_update: int = field(
+        default=0,
+        metadata={"help": "with shard_sampling=temperature: shards per update (0: all of them)"},
+    )
+    sampling_temperature: float = field(
+        default=2.0,
+        metadata={"help": "with shard_sampling=temperature: T (1 follows the data, 2 is XLS-R's "
+                  "alpha=0.5, large is uniform)"},
+    )
+    check_audio_headers: bool = field(
+        default=True,
+        metadata={
+            "help": "before training, open every listed audio file's header to check it exists, is "
+            "mono, at task.sample_rate and as long as the manifest says (about 1 min per 1M files)"
+        },
+    )
+    # Read from other config groups: the task logs them and sizes shard batches with them.
+    max_tokens: Optional[int] = II("dataset.max_tokens")
+    batch_size: Optional[int] = II("dataset.batch_size")
+    required_batch_size_multiple: int = II("dataset.required_batch_size_multiple")
+    train_subset: str = II("dataset.train_subset")
+    update_freq: List[int] = II("optimization.update_freq")
+    outer_lr: List[float] = II("optimization.lr")
+    world_size: int = II("distributed_training.distributed_world_size")
+
+
+def _parse_shard_weights(text: str, shards: List[str]) -> Dict[str, float]:
+    weights = {name: 1.0 for name in shards}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"task.shard_weights: expected name:weight, got {item!r}")
+        if name not in weights:
+            raise ValueError(f"task.shard_weights: unknown shard {name!r} (shards: {', '.join(shards)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"task.shard_weights: weight of {name!r} is not a number: {value!r}") from None
+        if not (weights[name] >= 0 and math.isfinite(weights[name])):
+            raise ValueError(f"task.shard_weights: weight of {name!r} must be finite and >= 0")
+    if shards and not any(weights.values()):
+        raise ValueError("task.shard_weights: at least one shard needs a weight > 0")
+    return weights
+
+
+def _discover_shards(data: str, requested: str) -> List[str]:
+    if not os.path.isdir(data):
+        raise DataError(f"task.data={data}: no such folder")
+    available = sorted(
+        d for d in os.listdir(data) if os.path.isfile(os.path.join(data, d, "train.tsv"))
+    )
+    names = [s.strip() for s in requested.split(",") if s.strip()]
+    if not names:
+        if not available:
+            raise DataError(f"task.data={data}: no shard sub-folder with a train.tsv")
+        return available
+    for name in names:
+        if not os.path.isdir(os.path.join(data, name)):
+            raise DataError(
+                f"task.shards: unknown shard {name!r}: no folder {os.path.join(data, name)} "
+                f"(shards found: {', '.join(available) or 'none'})"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"task.shards lists a shard twice: {requested}")
+    return names
+
+
+def _loss_scale(optimizer) -> float:
+    """The fp16/AMP loss scale the outer backward applies (1 in fp32/bf16)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None and hasattr(scaler, "loss_scale"):
+        return float(scaler.loss_scale)
+    grad_scaler = getattr(optimizer, "_grad_scaler", None)
+    if grad_scaler is not None:
+        return float(grad_scaler.get_scale())
+    return 1.0
+
+
+@register_task("equilibrium_pretraining", dataclass=EquilibriumPretrainingConfig)
+class EquilibriumPretrainingTask(AudioPretrainingTask):
+    """Each update: one batch per shard, K inner SGD steps per shard from the shared model, and
+    the outer gradient taken at the adapted weights (``eqssl.bilevel.equilibrium_backward``)."""
+
+    cfg: EquilibriumPretrainingConfig
+
+    @classmethod
+    def setup_task(cls, cfg: EquilibriumPretrainingConfig, **kwargs):
+        # A checkpoint loaded for fine-tuning or export names a data folder that may be gone.
+        return cls(cfg, check_data=not kwargs.get("from_checkpoint", False))
+
+    def __init__(self, cfg: EquilibriumPretrainingConfig, check_data: bool = True) -> None:
+        super().__init__(cfg)
+        if cfg.inner_steps < 0:
+            raise ValueError(f"task.inner_steps must be >= 0, got {cfg.inner_steps}")
+        if cfg.inner_lr is not None and not (cfg.inner_lr > 0 and math.isfinite(cfg.inner_lr)):
+            raise ValueError(f"task.inner_lr must be > 0, got {cfg.inner_lr}")
+        if cfg.sampling_temperature <= 0:
+            raise ValueError(f"task.sampling_temperature must be > 0, got {cfg.sampling_temperature}")
+        self.shard_names = (
+            _discover_shards(cfg.data, cfg.shards) if check_data
+            else [s.strip() for s in cfg.shards.split(",") if s.strip()]
+        )
+        if not 0 <= cfg.shards_per_update <= len(self.shard_names):
+            raise ValueError(
+                f"task.shards_per_update={cfg.shards_per_update} must be in [0, {len(self.shard_names)}]"
+            )
+        self.shard_weights = _parse_shard_weights(cfg.shard_weights, self.shard_names)
+        self.inner_lr = cfg.inner_lr if cfg.inner_lr is not None else (
+            PAPER_INNER_TO_OUTER_LR * float(cfg.outer_lr[0])
+        )
+        # Set by build_model: clips shorter than the feature encoder's receptive field give no frame.
+        self.min_samples = max(cfg.min_sample_size or 0, 400)
+        self._reported_skips = set()
+
+    # ------------------------------------------------------------------ data
+    def load_dataset(self, split: str, task_cfg=None, **kwargs) -> None:
+        shards = OrderedDict()
+        for name in self.shard_names:
+            manifest_path = os.path.join(self.cfg.data, name, f"{split}.tsv")
+            manifest = read_manifest(manifest_path)
+            if self.cfg.check_audio_headers:
+                check_audio(manifest, self.cfg.sample_rate)
+            shards[name] = FileAudioDataset(
+                manifest_path=manifest_path,
+                sample_rate=self.cfg.sample_rate,
+                max_sample_size=self.cfg.max_sample_size,
+                min_sample_size=self.cfg.min_sample_size,
+                pad=self.cfg.enable_padding,
+                normalize=self.cfg.normalize,
+                num_buckets=self.cfg.num_batch_buckets,
+            )
+        self.datasets[split] = ShardedAudioDataset(split, shards)
+        if split == self.cfg.train_subset:
+            self._log_update_size(self.datasets[split])
+
+    def _log_update_size(self, data: ShardedAudioDataset) -> None:
+        hours = {n: d.sizes.sum() / self.cfg.sample_rate / 3600 for n, d in zip(data.names, data.datasets)}
+        per_update = len(self.shard_names) if self.cfg.shard_sampling == "all" else (
+            self.cfg.shards_per_update or len(self.shard_names)
+        )
+        update_freq = int(self.cfg.update_freq[0])
+        logger.info(
+            "shards: %s", ", ".join(f"{n} ({hours[n]:.2f} h, weight {self.shard_weights[n]:g})" for n in data.names)
+        )
+        budget = "max_tokens=%s" % self.cfg.max_tokens if self.cfg.max_tokens else "batch_size=%s" % self.cfg.batch_size
+        logger.info(
+            "effective batch per update: %d shards x (%s per shard, %s) x update_freq %d x %d workers = "
+            "%d shard batches",
+            per_update, budget, self.cfg.shard_batch_size, update_freq, self.cfg.world_size,
+            per_update * update_freq * self.cfg.world_size,
+        )
+        logger.info(
+            "inner steps K=%d, inner lr alpha=%g (SGD), outer lr beta=%g (optimization.lr), alpha/beta=%g",
+            self.cfg.inner_steps, self.inner_lr, float(self.cfg.outer_lr[0]),
+            self.inner_lr / float(self.cfg.outer_lr[0]),
+        )
+
+    def _batching(self, max_tokens, max_sentences, required_batch_size_multiple: int, seed: int) -> Batching:
+        return Batching(
+            max_tokens=max_tokens,
+            max_sentences=max_sentences,
+            required_batch_size_multiple=required_batch_size_multiple,
+            min_samples=self.min_samples,
+            seed=seed,
+            sampling=self.cfg.shard_sampling,
+            batch_size=self.cfg.shard_batch_size,
+            shards_per_update=self.cfg.shards_per_update,
+            temperature=self.cfg.sampling_temperature,
+        )
+
+    def _report_skipped(self, data: ShardedAudioDataset) -> None:
+        if data.split in self._reported_skips:
+            return
+        self._reported_skips.add(data.split)
+        for name, dataset in zip(data.names, data.datasets):
+            usable = len(usable_indices(dataset, self.min_samples, 0, 1))
+            manifest = os.path.join(self.cfg.data, name, f"{data.split}.tsv")
+            if usable == 0:
+                raise DataError(
+                    f"{manifest}: every clip is shorter than {self.min_samples} samples "
+                    f"(task.min_sample_size or the feature encoder's receptive field): nothing to train on"
+                )
+            skipped = len(read_manifest(manifest).entries) - usable
+            if skipped:
+                logger.warning(
+                    "shard %s (%s): skipped %d clips shorter than %d samples", name, data.split, skipped, self.min_samples
+                )
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,
+                           num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
+                           disable_iterator_cache=False, skip_remainder_batch=False,
+                           grouped_shuffling=False, update_epoch_batch_itr=False):
+        if not isinstance(dataset, ShardedAudioDataset):
+            return super().get_batch_iterator(
+                dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                required_batch_size_multiple, seed, num_shards, shard_id, num_workers, epoch,
+                data_buffer_size, disable_iterator_cache, skip_remainder_batch, grouped_shuffling,
+                update_epoch_batch_itr,
+            )
+        reuse = not disable_iterator_cache and not update_epoch_batch_itr
+        if reuse and dataset in self.dataset_to_epoch_iter:
+            return self.dataset_to_epoch_iter[dataset]
+        self._report_skipped(dataset)
+        batching = self._batching(max_tokens, max_sentences, required_batch_size_multiple, seed)
+        make = training_batches if dataset.split == self.cfg.train_subset else validation_batches
+        dataset.set_epoch(epoch)
+        epoch_iter = iterators.EpochBatchIterator(
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=partial(_call_with_batching, make, batching),
+            seed=seed,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            skip_remainder_batch=skip_remainder_batch,
+            grouped_shuffling=grouped_shuffling,
+        )
+        if reuse:
+            self.dataset_to_epoch_iter[dataset] = epoch_iter
+        return epoch_iter
+
+    # ----------------------------------------------------------------- model
+    def build_model(self, model_cfg, from_checkpoint=False):
+        if from_checkpoint and model_cfg.get("init_from"):
+            # The weights come from the checkpoint being loaded; its init_from file may be gone.
+            with open_dict(model_cfg):
+                model_cfg.init_from = None
+        model = super().build_model(model_cfg, from_checkpoint)
+        if hasattr(model, "actualised_config"):
+            with open_dict(model_cfg):
+                for key, value in model.actualised_config().items():
+                    model_cfg[key] = value
+        conv_layers = getattr(getattr(model, "cfg", None), "conv_feature_layers", None)
+        if conv_layers is not None:
+            self.min_samples = max(self.cfg.min_sample_size or 0, receptive_field(eval(conv_layers)))
+        return model
+
+    # ---------------------------------------------------------------- update
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        model.train()
+        model.set_num_updates(update_num)
+        module = getattr(model, "module", model)  # unwrapped from DDP: inner passes never all-reduce
+        names = list(sample["shards"])
+        weights = [0.0 if ignore_grad else self.shard_weights[n] for n in names]
+        total = sum(weights)
+        weights = [w / total for w in weights] if total > 0 else weights
+        amp = isinstance(optimizer, AMPOptimizer)
+        outputs: Dict[str, dict] = {}
+
+        def shard_loss(net, name):
+            with torch.autocast(device_type="cuda", enabled=amp):
+                loss, logging_output = criterion.shard_loss(net, sample["shards"][name])
+            outputs[name] = logging_output  # the last call is the outer pass, at phi^K
+            return loss
+
+        def outer_context(i: int):
+            last = i == len(names) - 1
+            return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+        records = equilibrium_backward(
+            module,
+            [partial(shard_loss, model, n) for n in names],
+            inner_steps=0 if ignore_grad else self.cfg.inner_steps,
+            inner_lr=self.inner_lr,
+            weights=weights,
+            inner_closures=[partial(shard_loss, module, n) for n in names],
+            backward=optimizer.backward,
+            outer_context=outer_context,
+            inner_loss_scale=_loss_scale(optimizer),
+        )
+        logging_output = criterion.update_logging_output(self.shard_names, dict(zip(names, records)), outputs)
+        return torch.tensor(logging_output["loss"]), 1, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        model.eval()
+        with torch.no_grad():
+            outputs = {n: criterion.shard_loss(model, s)[1] for n, s in sample["shards"].items()}
+        logging_output = criterion.validation_logging_output(self.shard_names, outputs)
+        return torch.tensor(logging_output["loss"]), 1, logging_output
+
+
+def _call_with_batching(make, batching: Batching, dataset, epoch: int):
+    return make(dataset, epoch, batching)

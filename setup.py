@@ -1,0 +1,28 @@
+"""eqssl: equilibrium-constrained (PTEC/PTLOC) self-supervised speech pre-training for fairseq."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="eqssl",
+    version="0.1.0",
+    description="Equilibrium-constrained self-supervised speech pre-training (PTLOC) as a fairseq plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["eqssl", "eqssl.*"]),
+    # One tested set; see README "Versions" for why each pin is what it is.
+    install_requires=[
+        "ve-fairseq==0.12.3",
+        "torch==2.14.1",
+        "torchaudio==2.11.0",
+        "numpy>=1.26,<2.5",
+        "soundfile>=0.12",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "eqssl-make-toy-corpus=eqssl.toy_corpus:main",
+            "eqssl-user-dir=eqssl.user_dir:main",
+        ]
+    },
+)
