@@ -59,9 +59,17 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
 
     def shard_loss(self, model, sample) -> Tuple[torch.Tensor, dict]:
         """g_i for one shard's batch: the wav2vec 2.0 loss averaged over its targets."""
+        module = getattr(model, "module", model)
+        if self.loss_weights is not None and len(self.loss_weights) > 1:
+            extra = 2 if getattr(module, "quantizer", None) is not None else 1
+            if len(self.loss_weights) != extra:
+                raise ValueError(
+                    f"criterion.loss_weights has {len(self.loss_weights)} entries but this model "
+                    f"produces {extra} extra loss(es) (diversity loss only with "
+                    "model.quantize_targets=true, plus the feature penalty)"
+                )
         loss, sample_size, logging_output = super().forward(model, sample)
         sample_size = float(sample_size)
-        module = getattr(model, "module", model)
         groups = module.quantizer.groups if getattr(module, "quantizer", None) is not None else 1
         logging_output["code_ppl_per_group"] = logging_output.get("code_perplexity", 0.0) / groups
         logging_output["normalised_loss"] = loss.item() / sample_size

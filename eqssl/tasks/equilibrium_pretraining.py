@@ -354,6 +354,13 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             outer_context=outer_context,
             inner_loss_scale=_loss_scale(optimizer),
         )
+        for name, record in zip(names, records):
+            if record.dropped:
+                logger.warning(
+                    "update %d: shard %s left out: non-finite loss or inner gradient (loss at the shared "
+                    "weights %s, inner losses %s); counted in dropped_%s",
+                    update_num + 1, name, record.loss_before, record.inner_losses, name,
+                )
         logging_output = criterion.update_logging_output(self.shard_names, dict(zip(names, records)), outputs)
         return torch.tensor(logging_output["loss"]), 1, logging_output
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: a small generated corpus and runners for fairseq's real command lines."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eqssl.toy_corpus import make_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The flags every fairseq-train test run shares: tiny model, CPU, a few updates.
+TRAIN_FLAGS = [
+    "--user-dir", str(REPO / "eqssl"),
+    "--task", "equilibrium_pretraining",
+    "--criterion", "equilibrium_wav2vec",
+    "--arch", "eq_wav2vec2_tiny",
+    "--cpu", "--seed", "1",
+    "--max-tokens", "48000", "--max-sample-size", "24000", "--min-sample-size", "8000",
+    "--required-batch-size-multiple", "1",
+    "--optimizer", "adam", "--lr", "1e-4",
+    "--loss-weights", "[0.1, 10]",
+    "--log-format", "simple", "--log-interval", "1",
+    "--ddp-backend", "legacy_ddp", "--num-workers", "0",
+    "--no-epoch-checkpoints",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Three shards (read, telephone, noisy) of short generated clips; treat as read-only."""
+    root = tmp_path_factory.mktemp("corpus") / "toy"
+    make_corpus(str(root), shards=3, train_clips=8, valid_clips=3, min_seconds=0.8, max_seconds=1.6)
+    return root
+
+
+@pytest.fixture
+def corpus_copy(corpus, tmp_path) -> Path:
+    """A private copy of the corpus that a test may damage."""
+    copy = tmp_path / "toy"
+    shutil.copytree(corpus, copy)
+    for manifest in copy.glob("*/*.tsv"):
+        lines = manifest.read_text().splitlines()
+        lines[0] = str(copy / manifest.parent.name / "audio")
+        manifest.write_text("\n".join(lines) + "\n")
+    return copy
+
+
+def run(command, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
+    """Run a console command of this environment; stdout and stderr together in .stdout."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [str(BIN / command[0]), *map(str, command[1:])],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )
+
+
+def fairseq_train(data, save_dir, *extra) -> subprocess.CompletedProcess:
+    return run(["fairseq-train", data, *TRAIN_FLAGS, "--save-dir", save_dir, *extra])
+
+
+def train_log_values(output: str, key: str) -> list:
+    """Every value of ``key=`` in fairseq's train_inner log lines."""
+    values = []
+    for line in output.splitlines():
+        if "| train_inner |" in line:
+            for part in line.split(", "):
+                name, _, value = part.strip().partition("=")
+                if name.split() and name.split()[-1] == key:
+                    values.append(float(value))
+    return values
