@@ -25,9 +25,11 @@ logger = logging.getLogger(__name__)
 class ShardedAudioDataset(FairseqDataset):
     """Audio datasets of several shards behind one index space."""
 
-    def __init__(self, split: str, shards: "OrderedDict[str, FairseqDataset]") -> None:
+    def __init__(self, split: str, shards: "OrderedDict[str, FairseqDataset]", seed: int = 1) -> None:
         super().__init__()
         self.split = split
+        self.seed = seed
+        self.epoch = 1
         self.names = list(shards)
         self.datasets = list(shards.values())
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
@@ -53,7 +55,9 @@ class ShardedAudioDataset(FairseqDataset):
             by_shard.setdefault(item["shard"], []).append(item)
         batches = OrderedDict()
         for shard, items in by_shard.items():
-            batch = self.datasets[shard].collater(items)
+            # Random crops drawn from the batch itself, so that a resumed run sees the same audio.
+            with data_utils.numpy_seed(self.seed, self.epoch, shard, *(int(i["id"]) for i in items[:4])):
+                batch = self.datasets[shard].collater(items)
             if batch:
                 batches[self.names[shard]] = batch
         return {"shards": batches} if batches else {}
@@ -70,6 +74,7 @@ class ShardedAudioDataset(FairseqDataset):
         return np.arange(len(self))
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         for dataset in self.datasets:
             dataset.set_epoch(epoch)
 

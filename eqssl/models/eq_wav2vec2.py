@@ -13,8 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 from fairseq.checkpoint_utils import load_checkpoint_to_cpu
+from fairseq.data.data_utils import compute_mask_indices
 from fairseq.dataclass.utils import merge_with_parent
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
@@ -113,10 +115,38 @@ class EqWav2Vec2Model(Wav2Vec2Model):
                         (state.get("optimizer_history") or [{}])[-1].get("num_updates", 0))
         return model
 
+    def apply_mask(self, x, padding_mask, mask_indices=None, mask_channel_indices=None):
+        # fairseq draws the time masks from np.random.default_rng(None), i.e. fresh OS entropy
+        # on every call: no two runs (and no two evaluations of one shard's loss) mask alike.
+        # Drawing their seed from numpy's global generator makes them follow np.random.seed,
+        # which the equilibrium update and resuming rely on.
+        batch, frames, channels = x.shape
+        if self.mask_prob > 0 and mask_indices is None:
+            mask_indices = torch.from_numpy(compute_mask_indices(
+                (batch, frames), padding_mask, self.mask_prob, self.mask_length,
+                self.mask_selection, self.mask_other, min_masks=2,
+                no_overlap=self.no_mask_overlap, min_space=self.mask_min_space,
+                require_same_masks=self.cfg.require_same_masks, mask_dropout=self.cfg.mask_dropout,
+                **_numpy_drawn_seed(batch),
+            )).to(x.device)
+        if self.mask_channel_prob > 0 and not self.mask_channel_before and mask_channel_indices is None:
+            mask_channel_indices = torch.from_numpy(compute_mask_indices(
+                (batch, channels), None, self.mask_channel_prob, self.mask_channel_length,
+                self.mask_channel_selection, self.mask_channel_other,
+                no_overlap=self.no_mask_channel_overlap, min_space=self.mask_channel_min_space,
+                **_numpy_drawn_seed(batch),
+            )).to(x.device).unsqueeze(1).expand(-1, frames, -1)
+        return super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
+
     def actualised_config(self) -> dict:
         """The shape fields this model was built with, to write back into the run's config so
         that its checkpoints rebuild without the init_from file."""
         return {key: self.cfg[key] for key in ARCHITECTURE_FIELDS if key in self.cfg}
+
+
+def _numpy_drawn_seed(batch: int) -> dict:
+    """compute_mask_indices arguments that seed each example's mask from np.random."""
+    return {"seed": int(np.random.randint(2**31 - 1)), "epoch": 1, "indices": torch.arange(batch)}
 
 
 def _set_defaults(args, **defaults) -> None:

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-from fairseq.data import FileAudioDataset, iterators
+from fairseq.data import FileAudioDataset, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
@@ -212,7 +212,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 normalize=self.cfg.normalize,
                 num_buckets=self.cfg.num_batch_buckets,
             )
-        self.datasets[split] = ShardedAudioDataset(split, shards)
+        self.datasets[split] = ShardedAudioDataset(split, shards, seed=self.cfg.seed)
         if split == self.cfg.train_subset:
             self._log_update_size(self.datasets[split])
 
@@ -343,17 +343,21 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             last = i == len(names) - 1
             return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
-        records = equilibrium_backward(
-            module,
-            [partial(shard_loss, model, n) for n in names],
-            inner_steps=0 if ignore_grad else self.cfg.inner_steps,
-            inner_lr=self.inner_lr,
-            weights=weights,
-            inner_closures=[partial(shard_loss, module, n) for n in names],
-            backward=optimizer.backward,
-            outer_context=outer_context,
-            inner_loss_scale=_loss_scale(optimizer),
-        )
+        # fairseq re-seeds torch every update but not numpy, which draws wav2vec 2.0's masks and
+        # negatives; seeding it from the update makes a resumed run repeat an uninterrupted one.
+        first_id = int(next(iter(sample["shards"].values()))["id"][0])
+        with data_utils.numpy_seed(self.cfg.seed, update_num, first_id):
+            records = equilibrium_backward(
+                module,
+                [partial(shard_loss, model, n) for n in names],
+                inner_steps=0 if ignore_grad else self.cfg.inner_steps,
+                inner_lr=self.inner_lr,
+                weights=weights,
+                inner_closures=[partial(shard_loss, module, n) for n in names],
+                backward=optimizer.backward,
+                outer_context=outer_context,
+                inner_loss_scale=_loss_scale(optimizer),
+            )
         for name, record in zip(names, records):
             if record.dropped:
                 logger.warning(
