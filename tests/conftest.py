@@ -67,7 +67,7 @@ def train_log_values(output: str, key: str) -> list:
     """Every value of ``key=`` in fairseq's train_inner log lines."""
     values = []
     for line in output.splitlines():
-        if "| train_inner |" in line:
+        if "| train_inner |" in line or "[train_inner]" in line:
             for part in line.split(", "):
                 name, _, value = part.strip().partition("=")
                 if name.split() and name.split()[-1] == key:

@@ -77,7 +77,7 @@ def assert_stopped_before_training(result, save_dir: Path, *fragments: str) -> N
         assert fragment in final, (
             f"last output line does not name {fragment!r}:\n  {final}\noutput ends:\n{out[-3000:]}"
         )
-    assert "| train_inner |" not in out, "training started before the error"
+    assert "| train_inner |" not in out and "[train_inner]" not in out, "training started before the error"
     assert ", in forward" not in out, f"the error came from deep in the model:\n{out[-3000:]}"
     assert not (save_dir / "checkpoint_last.pt").exists(), "a checkpoint was saved"
 
@@ -178,9 +178,9 @@ CASES = [
     pytest.param(wrong_sample_rate, [], [], id="sample-rate-mismatch"),
     pytest.param(stereo_clip, [], [], id="stereo-clip"),
     pytest.param(wrong_sample_count, [], [], id="manifest-sample-count-mismatch"),
-    pytest.param(intact, ["--inner-steps", "-1"], ["task.inner_steps", "-1"], id="negative-inner-steps"),
-    pytest.param(intact, ["--inner-lr", "0"], ["task.inner_lr", "0"], id="zero-inner-lr"),
-    pytest.param(intact, ["--inner-lr", "-0.001"], ["task.inner_lr", "-0.001"], id="negative-inner-lr"),
+    pytest.param(intact, ["--inner-steps", "-1"], ["task.inner_steps", "got -1"], id="negative-inner-steps"),
+    pytest.param(intact, ["--inner-lr", "0"], ["task.inner_lr", "got 0"], id="zero-inner-lr"),
+    pytest.param(intact, ["--inner-lr", "-0.001"], ["task.inner_lr", "got -0.001"], id="negative-inner-lr"),
     pytest.param(intact, ["--shard-weights", "read:2,nope:1"], ["task.shard_weights", "'nope'"],
                  id="unknown-shard-weight"),
 ]

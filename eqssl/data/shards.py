@@ -55,12 +55,28 @@ class ShardedAudioDataset(FairseqDataset):
             by_shard.setdefault(item["shard"], []).append(item)
         batches = OrderedDict()
         for shard, items in by_shard.items():
-            # Random crops drawn from the batch itself, so that a resumed run sees the same audio.
-            with data_utils.numpy_seed(self.seed, self.epoch, shard, *(int(i["id"]) for i in items[:4])):
-                batch = self.datasets[shard].collater(items)
+            batch = self.datasets[shard].collater(self._crop(shard, items))
             if batch:
                 batches[self.names[shard]] = batch
         return {"shards": batches} if batches else {}
+
+    def _crop(self, shard: int, items: List[dict]) -> List[dict]:
+        """Crop the clips as fairseq's collater would, but with a generator seeded by the batch.
+
+        fairseq crops with the global np.random, from the data loader's background thread:
+        that races with the training thread's seeded numpy, so neither would repeat on resume.
+        """
+        dataset = self.datasets[shard]
+        sizes = [len(item["source"]) for item in items]
+        target = min(max(sizes) if dataset.pad else min(sizes), dataset.max_sample_size)
+        rng = np.random.RandomState(
+            hash((self.seed, self.epoch, shard, *(int(i["id"]) for i in items))) % 2**32
+        )
+        for item, size in zip(items, sizes):
+            if size > target:
+                start = rng.randint(0, size - target + 1)
+                item["source"] = item["source"][start:start + target]
+        return items
 
     def num_tokens(self, index: int) -> int:
         shard, local = self.locate(index)
