@@ -23,6 +23,7 @@ setup(
         "console_scripts": [
             "eqssl-make-toy-corpus=eqssl.toy_corpus:main",
             "eqssl-user-dir=eqssl.user_dir:main",
+            "eqssl-gap=eqssl.gap:main",
         ]
     },
 )

@@ -50,8 +50,9 @@ class EqWav2Vec2Config(Wav2Vec2Config):
             "help": "start from this wav2vec 2.0 pre-training checkpoint: a stock fairseq one "
             "(model wav2vec2, task audio_pretraining, e.g. wav2vec_small.pt or XLS-R) or an eqssl "
             "one (an earlier CSSL/PTLOC round). Its architecture replaces the model fields that "
-            "fix the network's shape; optimizer and schedule start fresh. Ignored on resume: "
-            "checkpoint_last.pt in checkpoint.save_dir wins"
+            "fix the network's shape; optimizer and schedule start fresh. On resume the file is "
+            "read again and checkpoint_last.pt's weights then replace it; the run's checkpoints "
+            "record the architecture, so they load without it"
         },
     )
 

@@ -1,0 +1,132 @@
+"""How far a wav2vec 2.0 checkpoint is from each shard's K-step optimum (the equilibrium gap).
+
+    eqssl-gap DATA CHECKPOINT [CHECKPOINT ...] --inner-steps 1 --inner-lr 1e-3
+
+For every checkpoint (eqssl's, or a stock fairseq wav2vec2 one) and every shard of DATA (the
+task's layout: one manifest folder per shard), on that shard's validation batches: the
+wav2vec 2.0 loss at the checkpoint's weights, the loss after K plain SGD steps on the batch,
+and their difference. Every checkpoint sees the same batches, masks and negatives, so rows
+compare like for like. Losses are in bits per target, as in the training logs.
+"""
+
+import argparse
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List
+
+import numpy as np
+import torch
+from fairseq.data import FileAudioDataset, data_utils
+from fairseq.dataclass.utils import merge_with_parent
+from omegaconf import OmegaConf
+
+from .bilevel import equilibrium_backward
+from .criterions.equilibrium_wav2vec import LN2, EquilibriumWav2vecCriterion
+from .data import check_audio, read_manifest, receptive_field
+from .data.shards import Batching, ShardedAudioDataset, validation_batches
+from .models.eq_wav2vec2 import EqWav2Vec2Config, EqWav2Vec2Model, load_pretraining_checkpoint
+from .tasks.equilibrium_pretraining import _discover_shards
+
+logger = logging.getLogger("eqssl.gap")
+
+
+def load_model(path: str) -> tuple:
+    """The network of a wav2vec 2.0 pre-training checkpoint, and the checkpoint's config."""
+    state = load_pretraining_checkpoint(path)
+    model_cfg = OmegaConf.create(dict(state["cfg"]["model"]))
+    model_cfg.init_from = None
+    model_cfg._name = "eq_wav2vec2"
+    model = EqWav2Vec2Model.build_model(merge_with_parent(EqWav2Vec2Config(), model_cfg))
+    model.load_state_dict(state["model"], strict=True)
+    return model, state["cfg"]
+
+
+def shard_data(data: str, shards: List[str], split: str, min_samples: int, max_sample_size: int) -> ShardedAudioDataset:
+    datasets = OrderedDict()
+    for name in shards:
+        manifest = os.path.join(data, name, f"{split}.tsv")
+        check_audio(read_manifest(manifest), 16000)
+        datasets[name] = FileAudioDataset(manifest, sample_rate=16000, max_sample_size=max_sample_size,
+                                          min_sample_size=min_samples)
+    return ShardedAudioDataset(split, datasets)
+
+
+def measure_gap(path: str, data: str, shards: List[str], args) -> Dict[str, dict]:
+    """Per shard: mean loss at θ, after K inner steps, and the gap, over its validation batches."""
+    model, cfg = load_model(path)
+    model.eval()  # no dropout: the loss is a function of the weights, masks and negatives only
+    criterion_cfg = cfg.get("criterion") or {}
+    criterion = EquilibriumWav2vecCriterion(None, infonce=True, loss_weights=criterion_cfg.get("loss_weights") or [0.1, 10])
+    min_samples = max(args.min_sample_size, receptive_field(eval(model.cfg.conv_feature_layers)))
+    dataset = shard_data(data, shards, args.split, min_samples, args.max_sample_size)
+    batches = validation_batches(dataset, 1, Batching(args.max_tokens, None, 1, min_samples, args.seed))
+    sums = {name: {"loss_before": 0.0, "loss_after": 0.0, "batches": 0} for name in shards}
+    for number, indices in enumerate(batches):
+        shard_name, sample = next(iter(dataset.collater([dataset[int(i)] for i in indices])["shards"].items()))
+        if sums[shard_name]["batches"] >= args.batches:
+            continue
+        torch.manual_seed(args.seed + number)
+        with data_utils.numpy_seed(args.seed, number):
+            record = equilibrium_backward(
+                model, [lambda: criterion.shard_loss(model, sample)[0]], args.inner_steps, args.inner_lr
+            )[0]
+        model.zero_grad(set_to_none=True)
+        sums[shard_name]["loss_before"] += record.loss_before / LN2
+        sums[shard_name]["loss_after"] += record.loss_after / LN2
+        sums[shard_name]["batches"] += 1
+    result = {}
+    for name, s in sums.items():
+        n = max(s["batches"], 1)
+        result[name] = {"loss_before": s["loss_before"] / n, "loss_after": s["loss_after"] / n,
+                        "gap": (s["loss_before"] - s["loss_after"]) / n, "batches": s["batches"]}
+    return result
+
+
+def markdown_table(results: Dict[str, Dict[str, dict]], shards: List[str]) -> str:
+    header = "| checkpoint | " + " | ".join(f"{s}: loss / gap" for s in shards) + " | mean loss | mean gap |"
+    lines = [header, "|" + "---|" * (len(shards) + 3)]
+    for name, per_shard in results.items():
+        cells = [f"{per_shard[s]['loss_before']:.3f} / {per_shard[s]['gap']:+.3f}" for s in shards]
+        mean_loss = np.mean([per_shard[s]["loss_before"] for s in shards])
+        mean_gap = np.mean([per_shard[s]["gap"] for s in shards])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean_loss:.3f} | {mean_gap:+.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", help="folder with one manifest sub-folder per shard")
+    parser.add_argument("checkpoints", nargs="+", help="NAME=PATH or PATH (the row is named after the folder)")
+    parser.add_argument("--shards", default="", help="comma-separated shard names (default: all)")
+    parser.add_argument("--split", default="valid")
+    parser.add_argument("--inner-steps", type=int, default=1, help="K")
+    parser.add_argument("--inner-lr", type=float, default=1e-3, help="alpha: keep it equal across checkpoints")
+    parser.add_argument("--max-tokens", type=int, default=64000)
+    parser.add_argument("--max-sample-size", type=int, default=48000)
+    parser.add_argument("--min-sample-size", type=int, default=0)
+    parser.add_argument("--batches", type=int, default=20, help="at most this many batches per shard")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", help="also write the results here (refuses to overwrite)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.json and os.path.exists(args.json):
+        parser.error(f"--json {args.json} exists; choose a new file")
+    shards = _discover_shards(args.data, args.shards)
+    results = OrderedDict()
+    for item in args.checkpoints:
+        name, sep, path = item.partition("=")
+        if not sep:
+            path, name = item, os.path.basename(os.path.dirname(os.path.abspath(item))) or item
+        results[name] = measure_gap(path, args.data, shards, args)
+    print(f"loss at the checkpoint / gap after K={args.inner_steps} SGD step(s) of alpha={args.inner_lr:g} "
+          f"({args.split} batches, bits per target)")
+    print(markdown_table(results, shards))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"inner_steps": args.inner_steps, "inner_lr": args.inner_lr, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
