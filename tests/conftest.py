@@ -70,6 +70,6 @@ def train_log_values(output: str, key: str) -> list:
         if "| train_inner |" in line or "[train_inner]" in line:
             for part in line.split(", "):
                 name, _, value = part.strip().partition("=")
-                if name.split() and name.split()[-1] == key:
+                if name.split() and name.split()[-1] == key and value != "None":
                     values.append(float(value))
     return values

@@ -54,7 +54,7 @@ class ShardedAudioDataset(FairseqDataset):
         for item in samples:
             by_shard.setdefault(item["shard"], []).append(item)
         batches = OrderedDict()
-        for shard, items in by_shard.items():
+        for shard, items in sorted(by_shard.items()):
             batch = self.datasets[shard].collater(self._crop(shard, items))
             if batch:
                 batches[self.names[shard]] = batch
