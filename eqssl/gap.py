@@ -27,7 +27,7 @@ from .criterions.equilibrium_wav2vec import LN2, EquilibriumWav2vecCriterion
 from .data import check_audio, read_manifest, receptive_field
 from .data.shards import Batching, ShardedAudioDataset, validation_batches
 from .models.eq_wav2vec2 import EqWav2Vec2Config, EqWav2Vec2Model, load_pretraining_checkpoint
-from .tasks.equilibrium_pretraining import _discover_shards
+from .tasks.equilibrium_pretraining import discover_shards
 
 logger = logging.getLogger("eqssl.gap")
 
@@ -43,12 +43,13 @@ def load_model(path: str) -> tuple:
     return model, state["cfg"]
 
 
-def shard_data(data: str, shards: List[str], split: str, min_samples: int, max_sample_size: int) -> ShardedAudioDataset:
+def shard_data(data: str, shards: List[str], split: str, sample_rate: int, min_samples: int,
+               max_sample_size: int) -> ShardedAudioDataset:
     datasets = OrderedDict()
     for name in shards:
         manifest = os.path.join(data, name, f"{split}.tsv")
-        check_audio(read_manifest(manifest), 16000)
-        datasets[name] = FileAudioDataset(manifest, sample_rate=16000, max_sample_size=max_sample_size,
+        check_audio(read_manifest(manifest), sample_rate)
+        datasets[name] = FileAudioDataset(manifest, sample_rate=sample_rate, max_sample_size=max_sample_size,
                                           min_sample_size=min_samples)
     return ShardedAudioDataset(split, datasets)
 
@@ -60,7 +61,8 @@ def measure_gap(path: str, data: str, shards: List[str], args) -> Dict[str, dict
     criterion_cfg = cfg.get("criterion") or {}
     criterion = EquilibriumWav2vecCriterion(None, infonce=True, loss_weights=criterion_cfg.get("loss_weights") or [0.1, 10])
     min_samples = max(args.min_sample_size, receptive_field(eval(model.cfg.conv_feature_layers)))
-    dataset = shard_data(data, shards, args.split, min_samples, args.max_sample_size)
+    sample_rate = (cfg.get("task") or {}).get("sample_rate", 16000)
+    dataset = shard_data(data, shards, args.split, sample_rate, min_samples, args.max_sample_size)
     batches = validation_batches(dataset, 1, Batching(args.max_tokens, None, 1, min_samples, args.seed))
     sums = {name: {"loss_before": 0.0, "loss_after": 0.0, "batches": 0} for name in shards}
     for number, indices in enumerate(batches):
@@ -113,7 +115,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.json and os.path.exists(args.json):
         parser.error(f"--json {args.json} exists; choose a new file")
-    shards = _discover_shards(args.data, args.shards)
+    shards = discover_shards(args.data, args.shards)
     results = OrderedDict()
     for item in args.checkpoints:
         name, sep, path = item.partition("=")

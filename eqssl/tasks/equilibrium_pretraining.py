@@ -126,7 +126,7 @@ def _parse_shard_weights(text: str, shards: List[str]) -> Dict[str, float]:
     return weights
 
 
-def _discover_shards(data: str, requested: str) -> List[str]:
+def discover_shards(data: str, requested: str) -> List[str]:
     if not os.path.isdir(data):
         raise DataError(f"task.data={data}: no such folder")
     available = sorted(
@@ -180,7 +180,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
         if cfg.sampling_temperature <= 0:
             raise ValueError(f"task.sampling_temperature must be > 0, got {cfg.sampling_temperature}")
         self.shard_names = (
-            _discover_shards(cfg.data, cfg.shards) if check_data
+            discover_shards(cfg.data, cfg.shards) if check_data
             else [s.strip() for s in cfg.shards.split(",") if s.strip()]
         )
         if not 0 <= cfg.shards_per_update <= len(self.shard_names):
