@@ -113,6 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="also write the results here (refuses to overwrite)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # fairseq's import sets INFO/DEBUG
     if args.json and os.path.exists(args.json):
         parser.error(f"--json {args.json} exists; choose a new file")
     shards = discover_shards(args.data, args.shards)

@@ -1,6 +1,7 @@
 """eqssl inside fairseq: both command lines, the update against an independent computation,
 resuming, and starting from a stock fairseq wav2vec 2.0 checkpoint."""
 
+import json
 import re
 
 import numpy as np
@@ -216,3 +217,26 @@ def test_continue_from_a_stock_fairseq_wav2vec2_checkpoint(corpus, tmp_path):
     # Two small steps from the stock weights, not from a fresh initialisation.
     drift = max((continued["model"][k] - stock_state["model"][k]).abs().max().item() for k in stock_state["model"])
     assert 0 < drift < 0.01
+
+
+def test_gap_tool_measures_adaptation_on_any_wav2vec2_checkpoint(corpus, hydra_cssl, tmp_path):
+    """eqssl-gap: K=0 gives a zero gap, K=1 a per-shard table with a JSON copy; an existing
+    JSON file is never overwritten."""
+    checkpoint = hydra_cssl[0] / "checkpoint_best.pt"
+    zero = run(["eqssl-gap", corpus, f"cssl={checkpoint}", "--inner-steps", "0", "--batches", "2"])
+    assert zero.returncode == 0, zero.stdout[-3000:]
+    row = next(line for line in zero.stdout.splitlines() if line.startswith("| cssl |"))
+    assert row.count("/ +0.000") == len(SHARDS)
+
+    out = tmp_path / "gap.json"
+    one = run(["eqssl-gap", corpus, f"cssl={checkpoint}", "--inner-steps", "1", "--inner-lr", "0.05",
+               "--batches", "2", "--json", out, "--max-tokens", "16000", "--max-sample-size", "16000"])
+    assert one.returncode == 0, one.stdout[-3000:]
+    results = json.loads(out.read_text())["results"]["cssl"]
+    assert set(results) == set(SHARDS)
+    for shard in SHARDS:
+        assert results[shard]["batches"] == 2
+        assert results[shard]["gap"] == pytest.approx(results[shard]["loss_before"] - results[shard]["loss_after"])
+        assert results[shard]["gap"] != 0
+    again = run(["eqssl-gap", corpus, f"cssl={checkpoint}", "--json", out])
+    assert again.returncode != 0 and "exists" in again.stdout
