@@ -17,13 +17,22 @@ setup(
         "torchaudio==2.11.0",
         "numpy>=1.26,<2.5",
         "soundfile>=0.12",
+        # the built-in corpus: eSpeak NG (library and voices in the wheel), word lists, DSP
+        "espeakng-loader==0.2.4",
+        "wordfreq==3.1.1",
+        "soxr>=0.3",
+        "audiomentations==0.43.1",
+        "pyroomacoustics==0.10.1",
+        "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8"], "plots": ["matplotlib>=3.8"]},
     entry_points={
         "console_scripts": [
             "eqssl-make-toy-corpus=eqssl.toy_corpus:main",
             "eqssl-user-dir=eqssl.user_dir:main",
             "eqssl-gap=eqssl.gap:main",
+            "eqssl-make-corpus=eqssl.corpus.make_corpus:main",
+            "eqssl-import=eqssl.corpus.import_cli:main",
         ]
     },
 )

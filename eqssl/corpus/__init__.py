@@ -1,0 +1,1 @@
+"""Built-in corpus generation and importers for real corpora."""

@@ -1,0 +1,248 @@
+"""Generate the built-in corpus: eSpeak NG speech of real words, in several domains or languages.
+
+    eqssl-make-corpus OUT --preset multidomain --size tiny [--seed 0] [--workers N]
+
+writes ``OUT/pretrain/{shard}/{train,valid}.tsv`` (the ``equilibrium_pretraining`` layout),
+``OUT/finetune/{name}/{train_10m,train_1h,dev,test}.{tsv,wrd,ltr}`` with ``dict.ltr.txt``, the
+audio as 16 kHz mono FLAC under ``OUT/audio/``, and ``OUT/corpus.json`` describing every set.
+
+Deterministic: the same preset, size and seed give byte-identical files whatever ``--workers``.
+eSpeak NG carries state from one utterance to the next inside a process, so utterances are
+made in fixed chunks, each in a fresh worker process, every utterance from its own seed.
+A rerun into the same folder keeps finished chunks and redoes the rest.
+"""
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+from dataclasses import asdict
+from typing import Dict, List, Tuple
+
+import numpy as np
+import soundfile
+import soxr
+from tqdm import tqdm
+
+from . import labels
+from .domains import DOMAINS, apply_domain
+from .espeak import engine
+from .presets import PRESETS, SIZES, SetSpec
+from .text import sentence, vocabulary
+
+GENERATOR_VERSION = "1"
+SAMPLE_RATE = 16000
+CHUNK = 8  # utterances per fresh process: fixes what eSpeak NG's carried-over state can be
+DICTIONARY_SPLITS = ("train_10m", "train_1h", "dev", "test")
+
+
+class CorpusError(ValueError):
+    pass
+
+
+def utterance_rng(seed: int, *keys) -> np.random.Generator:
+    """A generator of its own for every utterance, from the corpus seed and the item's names."""
+    words = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little") for k in keys]
+    return np.random.default_rng([seed, *words])
+
+
+def speak(spec: SetSpec, rng: np.random.Generator, n_words: Tuple[int, int]) -> dict:
+    """One utterance of ``spec``: its text, speaker and clean 16 kHz audio."""
+    text = sentence(spec.language, int(rng.integers(n_words[0], n_words[1] + 1)), rng)
+    voice = f"{spec.voices[rng.integers(len(spec.voices))]}+{spec.variants[rng.integers(len(spec.variants))]}"
+    rate, pitch = int(rng.integers(140, 200)), int(rng.integers(30, 70))
+    tts = engine()
+    tts.set_random_seed(int(rng.integers(2**31)))
+    audio = tts.synthesise(text, voice, rate=rate, pitch=pitch)
+    audio = soxr.resample(audio, tts.sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return {"text": text, "voice": voice, "rate": rate, "pitch": pitch, "audio": audio}
+
+
+def make_chunk(task: dict) -> dict:
+    """Synthesise one chunk of utterances into FLAC files (run in a fresh process)."""
+    spec = SetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in task["spec"].items()})
+    rows = []
+    for index in task["indices"]:
+        rng = utterance_rng(task["seed"], task["kind"], spec.name, task["split"], index)
+        utt = speak(spec, rng, task["words"])
+        babble = [speak(spec, rng, task["words"])["audio"] for _ in range(3)] if spec.domain == "meeting" else []
+        audio = apply_domain(spec.domain, utt["audio"], rng, babble)
+        relative = f"{task['kind']}/{spec.name}/{task['split']}/{index:06d}.flac"
+        path = os.path.join(task["audio_root"], relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+        rows.append({"path": relative, "samples": len(audio), "sha256": _sha256(path), "text": utt["text"],
+                     "voice": utt["voice"], "rate": utt["rate"], "pitch": utt["pitch"]})
+    record = dict(task, rows=rows)
+    _write_json_atomically(task["done_file"], record)
+    return record
+
+
+def _write_json_atomically(path: str, value) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(value, f, ensure_ascii=False, indent=1)
+    os.replace(temporary, path)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def chunk_is_complete(task: dict) -> bool:
+    """Finished and verified: its record exists and every file it lists has the recorded hash
+    (a truncated FLAC keeps a valid header, so its length alone proves nothing)."""
+    if not os.path.isfile(task["done_file"]):
+        return False
+    with open(task["done_file"], encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    for row in rows:
+        path = os.path.join(task["audio_root"], row["path"])
+        if not os.path.isfile(path) or _sha256(path) != row.get("sha256"):
+            return False
+    return True
+
+
+def plan(out: str, preset: str, size: str, seed: int) -> List[dict]:
+    """Every chunk of the corpus, in a fixed order."""
+    chosen, counts = PRESETS[preset], SIZES[size]
+    tasks = []
+    for kind, specs, splits in (("pretrain", chosen.pretrain, counts.pretrain),
+                                ("finetune", chosen.finetune, counts.finetune)):
+        for spec in specs:
+            for split, total in splits.items():
+                for start in range(0, total, CHUNK):
+                    name = f"{kind}-{spec.name}-{split}-{start:06d}"
+                    tasks.append({
+                        "kind": kind, "spec": asdict(spec), "split": split, "seed": seed,
+                        "indices": list(range(start, min(start + CHUNK, total))), "words": counts.words,
+                        "audio_root": os.path.join(os.path.abspath(out), "audio"),
+                        "done_file": os.path.join(out, "chunks", name + ".json"),
+                    })
+    return tasks
+
+
+def check_inputs(preset: str, size: str) -> None:
+    """Unknown preset, size, language or voice: one clear error before any work."""
+    if preset not in PRESETS:
+        raise CorpusError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if size not in SIZES:
+        raise CorpusError(f"unknown size {size!r}; available: {', '.join(SIZES)}")
+    chosen = PRESETS[preset]
+    available = set(engine().languages()) | {v.identifier.split("/")[-1] for v in engine().voices()}
+    for spec in chosen.pretrain + chosen.finetune:
+        vocabulary(spec.language)  # raises, listing the languages with word lists
+        if spec.domain not in DOMAINS:
+            raise CorpusError(f"set {spec.name}: unknown domain {spec.domain!r}; available: {', '.join(DOMAINS)}")
+        for voice in spec.voices:
+            if voice not in available:
+                raise CorpusError(f"set {spec.name}: unknown eSpeak NG voice {voice!r}; available: "
+                                  f"{', '.join(sorted(available))}")
+
+
+def claim_folder(out: str, settings: dict) -> None:
+    """Use ``out`` only if it is new, empty, or holds this very corpus (then resume)."""
+    description = os.path.join(out, "corpus.json")
+    if os.path.isfile(description):
+        with open(description, encoding="utf-8") as f:
+            existing = json.load(f).get("settings")
+        if existing != settings:
+            raise CorpusError(
+                f"{out} holds a different corpus ({existing}); rerun with those settings to resume it, "
+                "or choose another folder"
+            )
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        raise CorpusError(f"{out} is not empty and holds no eqssl corpus; choose another folder")
+    os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+    _write_json_atomically(description, {"settings": settings, "complete": False})
+
+
+def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
+    """fairseq manifests (and labels for fine-tuning sets) from the chunk records."""
+    grouped: Dict[Tuple[str, str, str], List[dict]] = {}
+    for record in records:
+        grouped.setdefault((record["kind"], record["spec"]["name"], record["split"]), []).extend(record["rows"])
+    root = os.path.join(os.path.abspath(out), "audio")
+    summary: Dict[str, dict] = {}
+    for (kind, name, split), rows in sorted(grouped.items()):
+        folder = os.path.join(out, kind, name)
+        os.makedirs(folder, exist_ok=True)
+        if kind == "pretrain":
+            labels.write_manifest(folder, split, root, [(r["path"], r["samples"]) for r in rows])
+        else:
+            language = next(rec["spec"]["language"] for rec in records if rec["spec"]["name"] == name)
+            labels.write_labelled_split(folder, split, root, [
+                (r["path"], r["samples"], labels.normalise_transcript(r["text"], language)) for r in rows
+            ])
+        entry = summary.setdefault(f"{kind}/{name}", {"splits": {}})
+        entry["splits"][split] = {
+            "utterances": len(rows), "hours": round(sum(r["samples"] for r in rows) / SAMPLE_RATE / 3600, 4),
+            "voices": sorted({r["voice"] for r in rows}),
+        }
+    for key in summary:
+        kind, name = key.split("/")
+        if kind == "finetune":
+            labels.write_letter_dictionary(os.path.join(out, kind, name), list(DICTIONARY_SPLITS))
+    return summary
+
+
+
+def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed: int = 0,
+                workers: int = 0, progress: bool = True) -> dict:
+    """Generate (or resume) the corpus; returns what corpus.json records."""
+    check_inputs(preset, size)
+    settings = {"preset": preset, "size": size, "seed": seed, "generator_version": GENERATOR_VERSION}
+    claim_folder(out, settings)
+    tasks = plan(out, preset, size, seed)
+    todo = [t for t in tasks if not chunk_is_complete(t)]
+    workers = workers or os.cpu_count() or 1
+    # A fresh process per chunk, forked from a server that never ran eSpeak NG: no chunk sees
+    # state left by another chunk, or by whatever this process synthesised before.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(workers, maxtasksperchild=1) as pool:
+        for _ in tqdm(pool.imap_unordered(make_chunk, todo), total=len(todo), disable=not progress,
+                      desc=f"{preset}/{size}", unit="chunk"):
+            pass
+    records = []
+    for task in tasks:
+        with open(task["done_file"], encoding="utf-8") as f:
+            records.append(json.load(f))
+    summary = write_manifests(out, records)
+    chosen = PRESETS[preset]
+    description = {
+        "settings": settings, "complete": True, "description": chosen.description,
+        "sample_rate": SAMPLE_RATE,
+        "sets": {
+            f"{kind}/{spec.name}": dict(summary[f"{kind}/{spec.name}"], language=spec.language,
+                                         voices=list(spec.voices), variants=list(spec.variants),
+                                         seen_in_pretraining=spec.seen, domain=spec.domain,
+                                         domain_parameters=DOMAINS[spec.domain].params)
+            for kind, specs in (("pretrain", chosen.pretrain), ("finetune", chosen.finetune)) for spec in specs
+        },
+    }
+    _write_json_atomically(os.path.join(out, "corpus.json"), description)
+    return description
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="folder to write into (new, or one holding this corpus to resume)")
+    parser.add_argument("--preset", default="multidomain", help=f"one of {', '.join(PRESETS)}")
+    parser.add_argument("--size", default="tiny", help=f"one of {', '.join(SIZES)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
+    args = parser.parse_args(argv)
+    try:
+        description = make_corpus(args.out, args.preset, args.size, args.seed, args.workers)
+    except (CorpusError, ValueError) as error:
+        parser.exit(2, f"eqssl-make-corpus: error: {error}\n")
+    hours = sum(s["hours"] for entry in description["sets"].values() for s in entry["splits"].values())
+    print(f"{args.out}: {len(description['sets'])} sets, {hours:.2f} h of audio; see corpus.json")
+
+
+if __name__ == "__main__":
+    main()
