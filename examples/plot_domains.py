@@ -36,10 +36,10 @@ def main(out: str) -> None:
         f, t, power = signal.spectrogram(audio, fs=16000, nperseg=400, noverlap=240)
         axis.pcolormesh(t, f / 1000, 10 * np.log10(power + 1e-10), shading="auto", vmin=-110, vmax=-30)
         axis.set_ylabel("kHz")
-        axis.set_title(f"{name}: {DOMAINS[name].description}", fontsize=8, loc="left")
+        axis.set_title(f"{name}: {DOMAINS[name].description.split(':')[0]}", fontsize=8, loc="left")
     axes[-1].set_xlabel("seconds")
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=70)
     print(f"wrote {out}")
 
 

@@ -67,6 +67,11 @@ def test_layout_is_read_by_fairseq_and_the_task(multilingual):
     pretrain_voices = {v for s in preset.pretrain for split in description["sets"][f"pretrain/{s.name}"]["splits"].values() for v in split["voices"]}
     finetune_voices = {v for s in preset.finetune for split in description["sets"][f"finetune/{s.name}"]["splits"].values() for v in split["voices"]}
     assert not {v.split("+")[1] for v in pretrain_voices} & {v.split("+")[1] for v in finetune_voices}
+    texts = {}
+    for record in (multilingual / "chunks").glob("*.json"):
+        chunk = json.loads(record.read_text(encoding="utf-8"))
+        texts.setdefault(chunk["kind"], set()).update(row["text"] for row in chunk["rows"])
+    assert texts["pretrain"] and texts["finetune"] and not texts["pretrain"] & texts["finetune"]
 
 
 def test_generation_is_deterministic_whatever_the_workers(multilingual, tmp_path):
