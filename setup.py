@@ -24,6 +24,10 @@ setup(
         "audiomentations==0.43.1",
         "pyroomacoustics==0.10.1",
         "tqdm",
+        # fairseq's CTC criterion scores greedy decodes with editdistance; eqssl-evaluate with jiwer
+        "editdistance>=0.6",
+        "jiwer>=3.0",
+        "sentencepiece>=0.2",
     ],
     extras_require={"test": ["pytest>=8"], "plots": ["matplotlib>=3.8"]},
     entry_points={
@@ -33,6 +37,7 @@ setup(
             "eqssl-gap=eqssl.gap:main",
             "eqssl-make-corpus=eqssl.corpus.make_corpus:main",
             "eqssl-import=eqssl.corpus.import_cli:main",
+            "eqssl-train-spm=eqssl.spm:main",
         ]
     },
 )

@@ -12,4 +12,14 @@ try:
 except ImportError:  # eqssl.bilevel alone works without fairseq
     pass
 else:
+    import argparse
+
+    import torch
+    from fairseq.data import Dictionary
+
+    # torch >= 2.6 loads with weights_only=True, which fairseq's load_checkpoint_to_cpu does not
+    # override: fine-tuned checkpoints pickle their target Dictionary (task_state), and old
+    # releases an argparse.Namespace. Both are plain data; allow exactly these two.
+    torch.serialization.add_safe_globals([Dictionary, argparse.Namespace])
+
     from . import criterions, models, tasks  # noqa: F401  (registers the plugins)

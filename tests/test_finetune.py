@@ -1,0 +1,71 @@
+"""CTC fine-tuning of eqssl checkpoints with the recipes, in characters and SentencePiece units."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from fairseq import checkpoint_utils
+
+from conftest import REPO, fairseq_train, run
+from eqssl.corpus.make_corpus import make_corpus
+from eqssl.spm import main as train_spm
+
+
+def valid_values(output: str, key: str) -> list:
+    return [float(v) for v in re.findall(rf"valid on '[^']+' subset \|.*? \| {key} ([\d.]+)", output)]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ft") / "corpus"
+    make_corpus(str(out), "multilingual", "tiny", seed=0, workers=2, progress=False)
+    return out / "finetune"
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory) -> Path:
+    save = tmp_path_factory.mktemp("pt")
+    result = fairseq_train(corpus, save, "--inner-steps", "1", "--max-update", "2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    return save / "checkpoint_last.pt"
+
+
+def finetune(data: Path, w2v: Path, save: Path, *overrides) -> str:
+    result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/finetune", "--config-name", "ctc_tiny",
+                  f"task.data={data}", f"model.w2v_path={w2v}", f"checkpoint.save_dir={save}", *overrides])
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+def test_tiny_recipe_learns_its_training_data(labelled, pretrained, tmp_path):
+    """Characters: CER (fairseq's uer) on the fine-tuning data itself falls below 100 %,
+    i.e. the model emits more than blanks."""
+    output = finetune(labelled / "sv", pretrained, tmp_path / "ft", "optimization.max_update=150",
+                      "dataset.valid_subset=train_1h")
+    cer = valid_values(output, "uer")
+    assert len(cer) >= 3, output[-3000:]
+    assert cer[-1] < 100 and cer[-1] < cer[0]
+
+
+def test_sentencepiece_units_and_a_self_contained_checkpoint(labelled, pretrained, tmp_path):
+    """units=spm fine-tunes on a shared SentencePiece vocabulary; the checkpoint then loads with
+    its dictionary after the pre-training checkpoint and the data folder are gone."""
+    data = tmp_path / "data"
+    for language in ("sv", "tr"):
+        shutil.copytree(labelled / language, data / language)
+    train_spm([str(tmp_path / "shared"), str(data / "sv"), str(data / "tr"), "--vocab-size", "120"])
+    pieces = (data / "sv" / "dev.spm").read_text(encoding="utf-8").splitlines()
+    assert pieces and all("▁" in line for line in pieces)
+    moved = tmp_path / "pretrained.pt"
+    shutil.copy(pretrained, moved)
+    output = finetune(data / "sv", moved, tmp_path / "ft", "units=spm", "optimization.max_update=8")
+    assert valid_values(output, "uer"), output[-3000:]
+
+    moved.unlink()
+    shutil.rmtree(data)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "ft" / "checkpoint_last.pt")])
+    assert type(models[0]).__name__ == "Wav2VecCtc"
+    assert cfg.task.labels == "spm"
+    symbols = set(task.target_dictionary.symbols)
+    assert "▁" in "".join(symbols) and len(symbols) > 20
