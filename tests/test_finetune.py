@@ -69,3 +69,22 @@ def test_sentencepiece_units_and_a_self_contained_checkpoint(labelled, pretraine
     assert cfg.task.labels == "spm"
     symbols = set(task.target_dictionary.symbols)
     assert "▁" in "".join(symbols) and len(symbols) > 20
+
+
+RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_composes(recipe):
+    """Each recipe composes in fairseq-hydra-train (--cfg job prints the config, runs nothing)."""
+    command = ["fairseq-hydra-train", "--config-dir", recipe.parent, "--config-name", recipe.stem,
+               "task.data=/data", "--cfg", "job"]
+    if "ptloc" in recipe.stem:
+        command.insert(-2, "model.init_from=/pretrained.pt")
+    if recipe.parent.name == "finetune":
+        command.insert(-2, "model.w2v_path=/pretrained.pt")
+    result = run(command)
+    assert result.returncode == 0, result.stdout[-3000:]
+    task = "equilibrium_pretraining" if recipe.parent.name == "pretrain" else "audio_finetuning"
+    assert f"_name: {task}" in result.stdout
+    assert "user_dir: eqssl" in result.stdout
