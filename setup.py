@@ -38,6 +38,8 @@ setup(
             "eqssl-make-corpus=eqssl.corpus.make_corpus:main",
             "eqssl-import=eqssl.corpus.import_cli:main",
             "eqssl-train-spm=eqssl.spm:main",
+            "eqssl-evaluate=eqssl.evaluate:main",
+            "eqssl-export=eqssl.export:main",
         ]
     },
 )

@@ -1,0 +1,417 @@
+"""Greedy CTC evaluation of a fine-tuned wav2vec 2.0 checkpoint on labelled test sets.
+
+    python -m eqssl.evaluate CHECKPOINT NAME=FOLDER:SPLIT [NAME=FOLDER:SPLIT ...]
+        [--json OUT.json] [--markdown OUT.md] [--batch-size N] [--device cpu|cuda]
+
+The checkpoint is loaded by fairseq itself (``checkpoint_utils.load_model_ensemble_and_task``):
+it must be a fine-tuned CTC model (``wav2vec_ctc``, task ``audio_finetuning``), which carries its
+letter dictionary and the pre-trained encoder's configuration, so the pre-training checkpoint is
+not needed. Each set is ``FOLDER/SPLIT.tsv`` (a fairseq audio manifest) with its references in
+``FOLDER/SPLIT.wrd`` (or ``FOLDER/SPLIT.ltr`` when there is no ``.wrd``).
+
+Decoding is greedy CTC: the arg-max letter per frame, repeats collapsed, blanks dropped (fairseq's
+CTC blank is the dictionary's ``<s>``, index 0), then fairseq's ``post_process(..., "letter")``.
+Scores come from jiwer: corpus-level WER over words and CER over characters (spaces between words
+count as characters, as in jiwer), each with substitution/deletion/insertion counts.
+
+Every input is checked before anything is decoded; bad input is an error that names the file (and
+line), never a silently wrong score:
+
+* a reference with characters outside the checkpoint's dictionary (file:line and the characters);
+* a label file whose line count differs from its manifest's (both files and counts);
+* ``FOLDER/dict.ltr.txt`` that differs from the checkpoint's dictionary;
+* a checkpoint that is not a fine-tuned CTC model (e.g. a pre-training checkpoint);
+* a missing manifest, label or audio file, or audio at another sample rate;
+* an existing ``--json`` / ``--markdown`` file (never overwritten).
+
+The one documented exception: a clip whose reference transcript is empty cannot be scored, so it
+is skipped and counted (``skipped_empty_references`` in the JSON, and printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jiwer
+import numpy as np
+import torch
+
+
+
+class EvaluationError(Exception):
+    """Bad input: the message names the file (and line) and what is wrong."""
+
+
+@dataclass
+class TestSet:
+    """One labelled set: the manifest's clips and their reference transcripts."""
+
+    name: str
+    folder: str
+    split: str
+    manifest: str
+    labels: str
+    audio: List[str] = field(default_factory=list)          # absolute paths, manifest order
+    sizes: List[int] = field(default_factory=list)          # samples per clip
+    references: List[str] = field(default_factory=list)     # words, one per clip
+    skipped_lines: List[int] = field(default_factory=list)  # label-file lines with empty reference
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and decoding
+# ---------------------------------------------------------------------------------------------
+
+def score(references: List[str], hypotheses: List[str]) -> dict:
+    """Corpus-level WER and CER (jiwer) with S/D/I counts and reference word/character counts.
+
+    References must be non-empty (skip empty ones first); an empty hypothesis is all deletions.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if not references:
+        raise ValueError("score(): no references")
+    for i, reference in enumerate(references):
+        if not reference.strip():
+            raise ValueError(f"score(): reference {i} is empty (skip it and count it instead)")
+    references = [" ".join(r.split()) for r in references]
+    hypotheses = [" ".join(h.split()) for h in hypotheses]
+    words = jiwer.process_words(references, hypotheses)
+    chars = jiwer.process_characters(references, hypotheses)
+    n_words = words.hits + words.substitutions + words.deletions
+    n_chars = chars.hits + chars.substitutions + chars.deletions
+    return {
+        "wer": (words.substitutions + words.deletions + words.insertions) / n_words,
+        "cer": (chars.substitutions + chars.deletions + chars.insertions) / n_chars,
+        "substitutions": words.substitutions,
+        "deletions": words.deletions,
+        "insertions": words.insertions,
+        "hits": words.hits,
+        "words": n_words,
+        "char_substitutions": chars.substitutions,
+        "char_deletions": chars.deletions,
+        "char_insertions": chars.insertions,
+        "char_hits": chars.hits,
+        "characters": n_chars,
+        "utterances": len(references),
+    }
+
+
+def greedy_decode(emissions: torch.Tensor, dictionary, lengths: Optional[Sequence[int]] = None) -> List[str]:
+    """Greedy CTC: arg-max per frame, collapse repeats, drop blanks (``dictionary.bos()``).
+
+    ``emissions`` is (batch, frames, letters) (or (frames, letters) for one clip); ``lengths``
+    the number of valid frames per clip (default: all). Returns words via fairseq's
+    ``post_process(text, "letter")``.
+    """
+    from fairseq.data.data_utils import post_process
+
+    if emissions.dim() == 2:
+        emissions = emissions.unsqueeze(0)
+    best = emissions.argmax(dim=-1).cpu()
+    blank = dictionary.bos()
+    specials = {blank, dictionary.pad(), dictionary.eos()}
+    texts = []
+    for i in range(best.size(0)):
+        frames = best[i] if lengths is None else best[i, : int(lengths[i])]
+        tokens = torch.unique_consecutive(frames).tolist()
+        letters = [dictionary[t] for t in tokens if t not in specials]
+        texts.append(post_process(" ".join(letters), "letter"))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def load_checkpoint(path: str, device: str = "cpu"):
+    """(model, task) of a fine-tuned CTC checkpoint, loaded by fairseq; error otherwise."""
+    import eqssl  # noqa: F401  (registers eqssl's plugins and the safe globals for torch.load)
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(path):
+        raise EvaluationError(f"{path}: checkpoint not found")
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as error:  # a truncated file, a text file, another framework's pickle, ...
+        raise EvaluationError(f"{path}: not a readable fairseq checkpoint ({error})") from error
+    cfg = state.get("cfg")
+    if cfg is None and state.get("args") is not None:
+        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+        cfg = convert_namespace_to_omegaconf(state["args"])
+    model_name = cfg.model.get("_name", None) if cfg is not None and cfg.get("model") else None
+    task_name = cfg.task.get("_name", None) if cfg is not None and cfg.get("task") else None
+    if model_name != "wav2vec_ctc" or task_name != "audio_finetuning":
+        raise EvaluationError(
+            f"{path}: not a fine-tuned CTC checkpoint (model {model_name!r}, task {task_name!r}; "
+            "expected model 'wav2vec_ctc', task 'audio_finetuning'). A pre-training checkpoint "
+            "must be fine-tuned first (recipes/finetune/ctc_tiny.yaml).")
+    if "target_dictionary" not in (state.get("task_state") or {}):
+        raise EvaluationError(f"{path}: the checkpoint carries no target dictionary (task_state)")
+    try:
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    except Exception as error:
+        raise EvaluationError(f"{path}: fairseq could not build the model ({error})") from error
+    model = models[0].eval().to(device)
+    return model, task
+
+
+def dictionary_symbols(dictionary) -> List[str]:
+    """The dictionary's symbols in index order (specials included)."""
+    return [dictionary[i] for i in range(len(dictionary))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Test sets
+# ---------------------------------------------------------------------------------------------
+
+def parse_set(spec: str) -> Tuple[str, str, str]:
+    """``NAME=FOLDER:SPLIT`` -> (name, folder, split); the split is after the last ':'."""
+    name, eq, rest = spec.partition("=")
+    folder, colon, split = rest.rpartition(":")
+    if not eq or not colon or not name or not folder or not split:
+        raise EvaluationError(f"test set {spec!r}: expected NAME=FOLDER:SPLIT, e.g. sv=data/sv:test")
+    return name, folder, split
+
+
+def _read_lines(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def check_dictionary_file(folder: str, dictionary) -> None:
+    """Error when ``folder/dict.ltr.txt`` exists and its symbols differ from the checkpoint's."""
+    from fairseq.data import Dictionary
+
+    path = os.path.join(folder, "dict.ltr.txt")
+    if not os.path.exists(path):
+        return
+    try:
+        data_symbols = dictionary_symbols(Dictionary.load(path))
+    except Exception as error:
+        raise EvaluationError(f"{path}: not a fairseq dictionary ({error})") from error
+    model_symbols = dictionary_symbols(dictionary)
+    if data_symbols != model_symbols:
+        only_data = sorted(set(data_symbols) - set(model_symbols))
+        only_model = sorted(set(model_symbols) - set(data_symbols))
+        raise EvaluationError(
+            f"{path}: dictionary mismatch with the checkpoint ({len(data_symbols)} symbols vs "
+            f"{len(model_symbols)}; only in the data: {' '.join(only_data) or '-'}; only in the "
+            f"checkpoint: {' '.join(only_model) or '-'}"
+            f"{'; same symbols in another order' if not only_data and not only_model else ''}). "
+            "The model was fine-tuned on another letter set; evaluate it on matching data.")
+
+
+def load_test_set(name: str, folder: str, split: str, dictionary) -> TestSet:
+    """Read and check one set (manifest, labels, dictionary); nothing is decoded here."""
+    from fairseq.data.data_utils import post_process
+
+    manifest = os.path.join(folder, f"{split}.tsv")
+    if not os.path.isfile(manifest):
+        raise EvaluationError(f"{manifest}: manifest not found (set {name})")
+    check_dictionary_file(folder, dictionary)
+    wrd, ltr = os.path.join(folder, f"{split}.wrd"), os.path.join(folder, f"{split}.ltr")
+    labels = wrd if os.path.isfile(wrd) else ltr
+    if not os.path.isfile(labels):
+        raise EvaluationError(f"{wrd}: no reference transcripts (neither {split}.wrd nor {split}.ltr)")
+
+    rows = _read_lines(manifest)
+    if not rows:
+        raise EvaluationError(f"{manifest}: empty manifest (expected the audio root on line 1)")
+    root, rows = rows[0].strip(), rows[1:]
+    label_lines = _read_lines(labels)
+    if len(label_lines) != len(rows):
+        raise EvaluationError(
+            f"{labels} has {len(label_lines)} lines but {manifest} has {len(rows)} clips "
+            f"({len(rows) + 1} lines with the root line): the labels do not match the manifest")
+
+    known = set(dictionary_symbols(dictionary))
+    test_set = TestSet(name, folder, split, manifest, labels)
+    for number, (row, label) in enumerate(zip(rows, label_lines), start=1):
+        parts = row.split("\t")
+        if len(parts) != 2 or not parts[1].strip().isdigit():
+            raise EvaluationError(f"{manifest}:{number + 1}: expected 'path<TAB>samples', got {row!r}")
+        if labels == ltr:
+            symbols = label.split()
+            words = post_process(label, "letter")
+        else:
+            words = " ".join(label.split())
+            symbols = list(words.replace(" ", "|")) + (["|"] if words else [])
+        unknown = sorted({s for s in symbols if s not in known})
+        if unknown:
+            raise EvaluationError(
+                f"{labels}:{number}: characters not in the checkpoint's dictionary: "
+                f"{' '.join(repr(s) for s in unknown)} (in {label!r})")
+        if not words:
+            test_set.skipped_lines.append(number)
+            continue
+        audio = os.path.join(root, parts[0])
+        if not os.path.isfile(audio):
+            raise EvaluationError(f"{manifest}:{number + 1}: audio file not found: {audio}")
+        test_set.audio.append(audio)
+        test_set.sizes.append(int(parts[1]))
+        test_set.references.append(words)
+    if not test_set.references:
+        raise EvaluationError(f"{labels}: every reference is empty; nothing to score")
+    return test_set
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding a set
+# ---------------------------------------------------------------------------------------------
+
+def read_audio(path: str, sample_rate: int, normalize: bool) -> torch.Tensor:
+    """One mono clip as float32, layer-normalised when the model was trained that way."""
+    import soundfile as sf
+    import torch.nn.functional as F
+
+    wav, rate = sf.read(path, dtype="float32")
+    if rate != sample_rate:
+        raise EvaluationError(f"{path}: sample rate {rate} Hz, the model expects {sample_rate} Hz")
+    if wav.ndim != 1:
+        raise EvaluationError(f"{path}: {wav.shape[1]} channels, expected mono audio")
+    source = torch.from_numpy(np.ascontiguousarray(wav))
+    if normalize:
+        with torch.no_grad():
+            source = F.layer_norm(source, source.shape)
+    return source
+
+
+@torch.no_grad()
+def decode_set(model, task, test_set: TestSet, batch_size: int, device: str) -> List[str]:
+    """Greedy hypotheses in manifest order; clips batched by length, with a progress bar."""
+    from tqdm import tqdm
+
+    sample_rate = int(task.cfg.sample_rate)
+    normalize = bool(task.cfg.normalize)
+    order = sorted(range(len(test_set.audio)), key=lambda i: test_set.sizes[i])
+    hypotheses: List[Optional[str]] = [None] * len(order)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=test_set.name, unit="batch", file=sys.stderr):
+        waves = [read_audio(test_set.audio[i], sample_rate, normalize) for i in batch]
+        longest = max(w.numel() for w in waves)
+        source = torch.zeros(len(waves), longest)
+        padding_mask = torch.zeros(len(waves), longest, dtype=torch.bool)
+        for row, wave in enumerate(waves):
+            source[row, : wave.numel()] = wave
+            padding_mask[row, wave.numel():] = True
+        net_output = model(source=source.to(device), padding_mask=padding_mask.to(device))
+        emissions = model.get_logits(net_output).transpose(0, 1).float()  # (B, T, V)
+        frame_padding = net_output.get("padding_mask")
+        if frame_padding is not None:
+            lengths = (~frame_padding).sum(dim=-1).tolist()
+        else:
+            lengths = [emissions.size(1)] * len(batch)
+        for i, text in zip(batch, greedy_decode(emissions, task.target_dictionary, lengths)):
+            hypotheses[i] = text
+    return [h if h is not None else "" for h in hypotheses]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+def markdown_table(results: Dict[str, dict]) -> str:
+    """One row per set: WER, CER (percent), word S/D/I and reference words."""
+    lines = ["| set | WER (%) | CER (%) | S/D/I | words |", "|---|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {100 * r['wer']:.2f} | {100 * r['cer']:.2f} | "
+                     f"{r['substitutions']}/{r['deletions']}/{r['insertions']} | {r['words']} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_outputs_free(paths: Sequence[Optional[str]]) -> None:
+    """Error naming the first output file that already exists (nothing is overwritten)."""
+    for path in paths:
+        if path and os.path.exists(path):
+            raise EvaluationError(f"{path}: already exists; not overwriting it (choose another name)")
+
+
+def write_new(path: str, text: str) -> None:
+    """Write a file that must not exist yet (mode 'x')."""
+    try:
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError as error:
+        raise EvaluationError(f"{path}: already exists; not overwriting it") from error
+
+
+def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: str = "cpu") -> dict:
+    """Load, check every set, decode and score; returns the report that --json writes."""
+    if batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {batch_size}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda: no CUDA device is available")
+    parsed = [parse_set(spec) for spec in sets]
+    names = [name for name, _, _ in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise EvaluationError(f"test set names used twice: {', '.join(duplicates)}")
+    model, task = load_checkpoint(checkpoint, device)
+    dictionary = task.target_dictionary
+    test_sets = [load_test_set(name, folder, split, dictionary) for name, folder, split in parsed]
+    results: Dict[str, dict] = {}
+    for test_set in test_sets:
+        hypotheses = decode_set(model, task, test_set, batch_size, device)
+        result = score(test_set.references, hypotheses)
+        result.update({
+            "folder": os.path.abspath(test_set.folder), "split": test_set.split,
+            "manifest": os.path.abspath(test_set.manifest),
+            "references": os.path.abspath(test_set.labels),
+            "clips": len(test_set.references) + len(test_set.skipped_lines),
+            "skipped_empty_references": len(test_set.skipped_lines),
+            "skipped_lines": test_set.skipped_lines,
+        })
+        results[test_set.name] = result
+    return {
+        "checkpoint": os.path.abspath(checkpoint),
+        "decoder": "greedy CTC (arg-max, repeats collapsed, blank <s> dropped), post_process letter",
+        "device": device,
+        "dictionary": dictionary_symbols(dictionary),
+        "sets": results,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eqssl-evaluate",
+        description="Greedy CTC WER/CER of a fine-tuned wav2vec 2.0 checkpoint on labelled sets.")
+    parser.add_argument("checkpoint", help="fine-tuned CTC checkpoint (fairseq .pt)")
+    parser.add_argument("sets", nargs="+", metavar="NAME=FOLDER:SPLIT",
+                        help="test set: FOLDER/SPLIT.tsv with FOLDER/SPLIT.wrd (or .ltr)")
+    parser.add_argument("--json", help="write the full report here (must not exist)")
+    parser.add_argument("--markdown", help="write the Markdown table here (must not exist)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (8)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point; bad input exits with status 2 and one 'error:' line."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_outputs_free([args.json, args.markdown])
+        report = evaluate(args.checkpoint, args.sets, args.batch_size, args.device)
+        table = markdown_table(report["sets"])
+        if args.json:
+            write_new(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        if args.markdown:
+            write_new(args.markdown, table)
+    except EvaluationError as error:
+        print(f"eqssl-evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    for name, result in report["sets"].items():
+        if result["skipped_empty_references"]:
+            print(f"{name}: skipped {result['skipped_empty_references']} clip(s) with an empty "
+                  f"reference ({result['references']} lines "
+                  f"{', '.join(map(str, result['skipped_lines']))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
