@@ -101,12 +101,17 @@ def score(references: List[str], hypotheses: List[str]) -> dict:
     }
 
 
-def greedy_decode(emissions: torch.Tensor, dictionary, lengths: Optional[Sequence[int]] = None) -> List[str]:
+POST_PROCESS = {"ltr": "letter", "spm": "sentencepiece"}
+"""How fairseq turns each label unit type back into words."""
+
+
+def greedy_decode(emissions: torch.Tensor, dictionary, lengths: Optional[Sequence[int]] = None,
+                  post_process_as: str = "letter") -> List[str]:
     """Greedy CTC: arg-max per frame, collapse repeats, drop blanks (``dictionary.bos()``).
 
     ``emissions`` is (batch, frames, letters) (or (frames, letters) for one clip); ``lengths``
     the number of valid frames per clip (default: all). Returns words via fairseq's
-    ``post_process(text, "letter")``.
+    ``post_process(text, post_process_as)`` ("letter" for characters, "sentencepiece" for pieces).
     """
     from fairseq.data.data_utils import post_process
 
@@ -120,7 +125,7 @@ def greedy_decode(emissions: torch.Tensor, dictionary, lengths: Optional[Sequenc
         frames = best[i] if lengths is None else best[i, : int(lengths[i])]
         tokens = torch.unique_consecutive(frames).tolist()
         letters = [dictionary[t] for t in tokens if t not in specials]
-        texts.append(post_process(" ".join(letters), "letter"))
+        texts.append(post_process(" ".join(letters), post_process_as))
     return texts
 
 
@@ -183,11 +188,11 @@ def _read_lines(path: str) -> List[str]:
         return f.read().splitlines()
 
 
-def check_dictionary_file(folder: str, dictionary) -> None:
-    """Error when ``folder/dict.ltr.txt`` exists and its symbols differ from the checkpoint's."""
+def check_dictionary_file(folder: str, dictionary, units: str = "ltr") -> None:
+    """Error when ``folder/dict.{units}.txt`` exists and its symbols differ from the checkpoint's."""
     from fairseq.data import Dictionary
 
-    path = os.path.join(folder, "dict.ltr.txt")
+    path = os.path.join(folder, f"dict.{units}.txt")
     if not os.path.exists(path):
         return
     try:
@@ -206,14 +211,14 @@ def check_dictionary_file(folder: str, dictionary) -> None:
             "The model was fine-tuned on another letter set; evaluate it on matching data.")
 
 
-def load_test_set(name: str, folder: str, split: str, dictionary) -> TestSet:
+def load_test_set(name: str, folder: str, split: str, dictionary, units: str = "ltr") -> TestSet:
     """Read and check one set (manifest, labels, dictionary); nothing is decoded here."""
     from fairseq.data.data_utils import post_process
 
     manifest = os.path.join(folder, f"{split}.tsv")
     if not os.path.isfile(manifest):
         raise EvaluationError(f"{manifest}: manifest not found (set {name})")
-    check_dictionary_file(folder, dictionary)
+    check_dictionary_file(folder, dictionary, units)
     wrd, ltr = os.path.join(folder, f"{split}.wrd"), os.path.join(folder, f"{split}.ltr")
     labels = wrd if os.path.isfile(wrd) else ltr
     if not os.path.isfile(labels):
@@ -241,7 +246,8 @@ def load_test_set(name: str, folder: str, split: str, dictionary) -> TestSet:
         else:
             words = " ".join(label.split())
             symbols = list(words.replace(" ", "|")) + (["|"] if words else [])
-        unknown = sorted({s for s in symbols if s not in known})
+        # SentencePiece spells any word with its pieces; only a character set can be outgrown.
+        unknown = sorted({s for s in symbols if s not in known}) if units == "ltr" else []
         if unknown:
             raise EvaluationError(
                 f"{labels}:{number}: characters not in the checkpoint's dictionary: "
@@ -282,7 +288,8 @@ def read_audio(path: str, sample_rate: int, normalize: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_set(model, task, test_set: TestSet, batch_size: int, device: str) -> List[str]:
+def decode_set(model, task, test_set: TestSet, batch_size: int, device: str,
+               post_process_as: str = "letter") -> List[str]:
     """Greedy hypotheses in manifest order; clips batched by length, with a progress bar."""
     from tqdm import tqdm
 
@@ -306,7 +313,7 @@ def decode_set(model, task, test_set: TestSet, batch_size: int, device: str) -> 
             lengths = (~frame_padding).sum(dim=-1).tolist()
         else:
             lengths = [emissions.size(1)] * len(batch)
-        for i, text in zip(batch, greedy_decode(emissions, task.target_dictionary, lengths)):
+        for i, text in zip(batch, greedy_decode(emissions, task.target_dictionary, lengths, post_process_as)):
             hypotheses[i] = text
     return [h if h is not None else "" for h in hypotheses]
 
@@ -353,10 +360,13 @@ def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: 
         raise EvaluationError(f"test set names used twice: {', '.join(duplicates)}")
     model, task = load_checkpoint(checkpoint, device)
     dictionary = task.target_dictionary
-    test_sets = [load_test_set(name, folder, split, dictionary) for name, folder, split in parsed]
+    units = getattr(task.cfg, "labels", None) or "ltr"
+    if units not in POST_PROCESS:
+        raise EvaluationError(f"{checkpoint}: fine-tuned on '{units}' labels; eqssl-evaluate reads ltr or spm")
+    test_sets = [load_test_set(name, folder, split, dictionary, units) for name, folder, split in parsed]
     results: Dict[str, dict] = {}
     for test_set in test_sets:
-        hypotheses = decode_set(model, task, test_set, batch_size, device)
+        hypotheses = decode_set(model, task, test_set, batch_size, device, POST_PROCESS[units])
         result = score(test_set.references, hypotheses)
         result.update({
             "folder": os.path.abspath(test_set.folder), "split": test_set.split,
@@ -369,7 +379,7 @@ def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: 
         results[test_set.name] = result
     return {
         "checkpoint": os.path.abspath(checkpoint),
-        "decoder": "greedy CTC (arg-max, repeats collapsed, blank <s> dropped), post_process letter",
+        "decoder": f"greedy CTC (arg-max, repeats collapsed, blank <s> dropped), post_process {POST_PROCESS[units]}",
         "device": device,
         "dictionary": dictionary_symbols(dictionary),
         "sets": results,

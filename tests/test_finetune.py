@@ -9,6 +9,7 @@ from fairseq import checkpoint_utils
 
 from conftest import REPO, fairseq_train, run
 from eqssl.corpus.make_corpus import make_corpus
+from eqssl.evaluate import evaluate, greedy_decode
 from eqssl.spm import main as train_spm
 
 
@@ -61,6 +62,10 @@ def test_sentencepiece_units_and_a_self_contained_checkpoint(labelled, pretraine
     shutil.copy(pretrained, moved)
     output = finetune(data / "sv", moved, tmp_path / "ft", "units=spm", "optimization.max_update=8")
     assert valid_values(output, "uer"), output[-3000:]
+    report = evaluate(str(tmp_path / "ft" / "checkpoint_last.pt"), [f"sv={data / 'sv'}:test"])
+    assert report["decoder"].endswith("post_process sentencepiece")
+    assert report["sets"]["sv"]["words"] == sum(
+        len(line.split()) for line in (data / "sv" / "test.wrd").read_text(encoding="utf-8").splitlines())
 
     moved.unlink()
     shutil.rmtree(data)
@@ -88,3 +93,15 @@ def test_every_recipe_composes(recipe):
     task = "equilibrium_pretraining" if recipe.parent.name == "pretrain" else "audio_finetuning"
     assert f"_name: {task}" in result.stdout
     assert "user_dir: eqssl" in result.stdout
+
+
+def test_greedy_decoding_joins_sentencepiece_pieces():
+    """Pieces decode to words at their '▁' marks, blanks and repeats removed."""
+    import torch
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary()  # <s> (index 0) is CTC's blank
+    ids = [dictionary.add_symbol(piece) for piece in ("▁HE", "LLO", "▁WORLD")]
+    frames = [0, ids[0], ids[0], 0, ids[1], 0, 0, ids[2], ids[2]]
+    emissions = torch.nn.functional.one_hot(torch.tensor(frames), len(dictionary)).float()
+    assert greedy_decode(emissions, dictionary, post_process_as="sentencepiece") == ["HELLO WORLD"]
