@@ -38,6 +38,16 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def multilingual_corpus(tmp_path_factory) -> Path:
+    """The built-in corpus, multilingual preset, tiny size (about 11 s); treat as read-only."""
+    from eqssl.corpus.make_corpus import make_corpus as make_builtin_corpus
+
+    out = tmp_path_factory.mktemp("multilingual") / "corpus"
+    make_builtin_corpus(str(out), "multilingual", "tiny", seed=0, workers=2, progress=False)
+    return out
+
+
 @pytest.fixture
 def corpus_copy(corpus, tmp_path) -> Path:
     """A private copy of the corpus that a test may damage."""

@@ -28,10 +28,9 @@ def tree_digest(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def multilingual(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ml") / "corpus"
-    generator.make_corpus(str(out), "multilingual", "tiny", seed=0, workers=2, progress=False)
-    return out
+def multilingual(multilingual_corpus) -> Path:
+    """Generated once per session (conftest), with 2 workers and seed 0."""
+    return multilingual_corpus
 
 
 def test_layout_is_read_by_fairseq_and_the_task(multilingual):

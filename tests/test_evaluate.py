@@ -96,13 +96,9 @@ def test_greedy_decode_collapses_repeats_and_drops_blanks():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
-    """The multilingual tiny corpus (fine-tuning sets under finetune/{tr,sv,ta,fi}/)."""
-    from eqssl.corpus.make_corpus import make_corpus
-
-    out = tmp_path_factory.mktemp("multilingual") / "corpus"
-    make_corpus(str(out), "multilingual", "tiny", seed=0, workers=2, progress=False)
-    return out / "finetune"
+def labelled(multilingual_corpus) -> Path:
+    """The multilingual tiny corpus's fine-tuning sets (finetune/{tr,sv,ta,fi}/)."""
+    return multilingual_corpus / "finetune"
 
 
 @pytest.fixture(scope="module")

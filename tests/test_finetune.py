@@ -8,7 +8,6 @@ import pytest
 from fairseq import checkpoint_utils
 
 from conftest import REPO, fairseq_train, run
-from eqssl.corpus.make_corpus import make_corpus
 from eqssl.evaluate import evaluate, greedy_decode
 from eqssl.spm import main as train_spm
 
@@ -18,10 +17,8 @@ def valid_values(output: str, key: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "corpus"
-    make_corpus(str(out), "multilingual", "tiny", seed=0, workers=2, progress=False)
-    return out / "finetune"
+def labelled(multilingual_corpus) -> Path:
+    return multilingual_corpus / "finetune"
 
 
 @pytest.fixture(scope="module")
