@@ -18,14 +18,14 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-from fairseq.data import FileAudioDataset, data_utils
+from fairseq.data import data_utils
 from fairseq.dataclass.utils import merge_with_parent
 from omegaconf import OmegaConf
 
 from .bilevel import equilibrium_backward
 from .criterions.equilibrium_wav2vec import LN2, EquilibriumWav2vecCriterion
-from .data import check_audio, read_manifest, receptive_field
-from .data.shards import Batching, ShardedAudioDataset, validation_batches
+from .data import receptive_field
+from .data.shards import Batching, load_shards, validation_batches
 from .models.eq_wav2vec2 import EqWav2Vec2Config, EqWav2Vec2Model, load_pretraining_checkpoint
 from .tasks.equilibrium_pretraining import discover_shards
 
@@ -43,17 +43,6 @@ def load_model(path: str) -> tuple:
     return model, state["cfg"]
 
 
-def shard_data(data: str, shards: List[str], split: str, sample_rate: int, min_samples: int,
-               max_sample_size: int) -> ShardedAudioDataset:
-    datasets = OrderedDict()
-    for name in shards:
-        manifest = os.path.join(data, name, f"{split}.tsv")
-        check_audio(read_manifest(manifest), sample_rate)
-        datasets[name] = FileAudioDataset(manifest, sample_rate=sample_rate, max_sample_size=max_sample_size,
-                                          min_sample_size=min_samples)
-    return ShardedAudioDataset(split, datasets)
-
-
 def measure_gap(path: str, data: str, shards: List[str], args) -> Dict[str, dict]:
     """Per shard: mean loss at θ, after K inner steps, and the gap, over its validation batches."""
     model, cfg = load_model(path)
@@ -62,7 +51,8 @@ def measure_gap(path: str, data: str, shards: List[str], args) -> Dict[str, dict
     criterion = EquilibriumWav2vecCriterion(None, infonce=True, loss_weights=criterion_cfg.get("loss_weights") or [0.1, 10])
     min_samples = max(args.min_sample_size, receptive_field(eval(model.cfg.conv_feature_layers)))
     sample_rate = (cfg.get("task") or {}).get("sample_rate", 16000)
-    dataset = shard_data(data, shards, args.split, sample_rate, min_samples, args.max_sample_size)
+    dataset = load_shards(data, shards, args.split, sample_rate, max_sample_size=args.max_sample_size,
+                          min_sample_size=min_samples)
     batches = validation_batches(dataset, 1, Batching(args.max_tokens, None, 1, min_samples, args.seed))
     sums = {name: {"loss_before": 0.0, "loss_after": 0.0, "batches": 0} for name in shards}
     for number, indices in enumerate(batches):

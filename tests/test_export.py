@@ -125,6 +125,14 @@ def labelled_folder(corpus, folder) -> None:
     (folder / "dict.ltr.txt").write_text("".join(f"{c} {10 - i}\n" for i, c in enumerate("|ABCDEF")))
 
 
+
+def assert_same_weights(source: dict, exported: dict) -> None:
+    """Export changes the config only: the same tensors under the same names."""
+    assert set(exported["model"]) == set(source["model"])
+    for name, tensor in source["model"].items():
+        assert torch.equal(exported["model"][name], tensor), name
+
+
 def test_pretraining_checkpoint_loads_in_stock_fairseq_and_torchaudio(pretrained, tmp_path, capsys):
     out = tmp_path / "wav2vec2_stock.pt"
     assert main([str(pretrained), str(out)]) == 0  # the command line, eqssl-export IN OUT
@@ -142,9 +150,7 @@ def test_pretraining_checkpoint_loads_in_stock_fairseq_and_torchaudio(pretrained
     for key in ("encoder_layers", "encoder_embed_dim", "conv_feature_layers", "latent_vars", "final_dim"):
         assert exported["cfg"]["model"][key] == source["cfg"]["model"][key]
     assert exported["cfg"]["task"]["sample_rate"] == source["cfg"]["task"]["sample_rate"]
-    assert set(exported["model"]) == set(source["model"])
-    for name, tensor in source["model"].items():
-        assert torch.equal(exported["model"][name], tensor), name
+    assert_same_weights(source, exported)
 
     result = load_without_eqssl(out, "pretraining")
     assert result["model"] == "fairseq.models.wav2vec.wav2vec2.Wav2Vec2Model"
@@ -179,8 +185,7 @@ def test_finetuned_checkpoint_loads_in_stock_fairseq_and_torchaudio(pretrained, 
     assert_stock_pretraining_cfg(exported["cfg"]["model"]["w2v_args"])
     assert exported["task_state"]["target_dictionary"].symbols == source["task_state"]["target_dictionary"].symbols
     assert not exported.get("last_optimizer_state")
-    for name, tensor in source["model"].items():
-        assert torch.equal(exported["model"][name], tensor), name
+    assert_same_weights(source, exported)
 
     result = load_without_eqssl(out, "finetuned")
     assert result["model"] == "fairseq.models.wav2vec.wav2vec2_asr.Wav2VecCtc"

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from fairseq.data import FairseqDataset, data_utils
+from fairseq.data import FairseqDataset, FileAudioDataset, data_utils
 
-from .manifests import DataError
+from .manifests import DataError, check_audio, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,21 @@ class ShardedAudioDataset(FairseqDataset):
     @property
     def supports_prefetch(self) -> bool:
         return False
+
+
+def load_shards(data: str, names: Sequence[str], split: str, sample_rate: int, check_headers: bool = True,
+                seed: int = 1, **dataset_options) -> ShardedAudioDataset:
+    """Every shard's ``{split}.tsv`` under ``data``, checked (names the file and line of any
+    problem) and loaded as fairseq ``FileAudioDataset``s (``dataset_options``: max_sample_size,
+    min_sample_size, pad, normalize, num_buckets)."""
+    shards = OrderedDict()
+    for name in names:
+        manifest_path = os.path.join(data, name, f"{split}.tsv")
+        manifest = read_manifest(manifest_path)
+        if check_headers:
+            check_audio(manifest, sample_rate)
+        shards[name] = FileAudioDataset(manifest_path=manifest_path, sample_rate=sample_rate, **dataset_options)
+    return ShardedAudioDataset(split, shards, seed=seed)
 
 
 @dataclass

@@ -6,13 +6,12 @@ import contextlib
 import logging
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-from fairseq.data import FileAudioDataset, data_utils, iterators
+from fairseq.data import data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import register_task
@@ -20,10 +19,11 @@ from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrai
 from omegaconf import II, open_dict
 
 from ..bilevel import equilibrium_backward
-from ..data import DataError, check_audio, read_manifest, receptive_field
+from ..data import DataError, read_manifest, receptive_field
 from ..data.shards import (
     Batching,
     ShardedAudioDataset,
+    load_shards,
     training_batches,
     usable_indices,
     validation_batches,
@@ -197,22 +197,13 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
 
     # ------------------------------------------------------------------ data
     def load_dataset(self, split: str, task_cfg=None, **kwargs) -> None:
-        shards = OrderedDict()
-        for name in self.shard_names:
-            manifest_path = os.path.join(self.cfg.data, name, f"{split}.tsv")
-            manifest = read_manifest(manifest_path)
-            if self.cfg.check_audio_headers:
-                check_audio(manifest, self.cfg.sample_rate)
-            shards[name] = FileAudioDataset(
-                manifest_path=manifest_path,
-                sample_rate=self.cfg.sample_rate,
-                max_sample_size=self.cfg.max_sample_size,
-                min_sample_size=self.cfg.min_sample_size,
-                pad=self.cfg.enable_padding,
-                normalize=self.cfg.normalize,
-                num_buckets=self.cfg.num_batch_buckets,
-            )
-        self.datasets[split] = ShardedAudioDataset(split, shards, seed=self.cfg.seed)
+        self.datasets[split] = load_shards(
+            self.cfg.data, self.shard_names, split, self.cfg.sample_rate,
+            check_headers=self.cfg.check_audio_headers, seed=self.cfg.seed,
+            max_sample_size=self.cfg.max_sample_size, min_sample_size=self.cfg.min_sample_size,
+            pad=self.cfg.enable_padding, normalize=self.cfg.normalize,
+            num_buckets=self.cfg.num_batch_buckets,
+        )
         if split == self.cfg.train_subset:
             self._log_update_size(self.datasets[split])
 
