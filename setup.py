@@ -40,6 +40,7 @@ setup(
             "eqssl-train-spm=eqssl.spm:main",
             "eqssl-evaluate=eqssl.evaluate:main",
             "eqssl-export=eqssl.export:main",
+            "eqssl-reproduce=eqssl.reproduce:main",
         ]
     },
 )

@@ -106,7 +106,7 @@ POST_PROCESS = {"ltr": "letter", "spm": "sentencepiece"}
 
 
 def greedy_decode(emissions: torch.Tensor, dictionary, lengths: Optional[Sequence[int]] = None,
-                  post_process_as: str = "letter") -> List[str]:
+                  post_process_as: str = "letter", progress: bool = True) -> List[str]:
     """Greedy CTC: arg-max per frame, collapse repeats, drop blanks (``dictionary.bos()``).
 
     ``emissions`` is (batch, frames, letters) (or (frames, letters) for one clip); ``lengths``
@@ -289,7 +289,7 @@ def read_audio(path: str, sample_rate: int, normalize: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_set(model, task, test_set: TestSet, batch_size: int, device: str,
-               post_process_as: str = "letter") -> List[str]:
+               post_process_as: str = "letter", progress: bool = True) -> List[str]:
     """Greedy hypotheses in manifest order; clips batched by length, with a progress bar."""
     from tqdm import tqdm
 
@@ -298,7 +298,7 @@ def decode_set(model, task, test_set: TestSet, batch_size: int, device: str,
     order = sorted(range(len(test_set.audio)), key=lambda i: test_set.sizes[i])
     hypotheses: List[Optional[str]] = [None] * len(order)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=test_set.name, unit="batch", file=sys.stderr):
+    for batch in tqdm(batches, desc=test_set.name, unit="batch", file=sys.stderr, disable=not progress):
         waves = [read_audio(test_set.audio[i], sample_rate, normalize) for i in batch]
         longest = max(w.numel() for w in waves)
         source = torch.zeros(len(waves), longest)
@@ -347,7 +347,8 @@ def write_new(path: str, text: str) -> None:
         raise EvaluationError(f"{path}: already exists; not overwriting it") from error
 
 
-def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: str = "cpu") -> dict:
+def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: str = "cpu",
+             progress: bool = True) -> dict:
     """Load, check every set, decode and score; returns the report that --json writes."""
     if batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {batch_size}")
@@ -366,7 +367,7 @@ def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: 
     test_sets = [load_test_set(name, folder, split, dictionary, units) for name, folder, split in parsed]
     results: Dict[str, dict] = {}
     for test_set in test_sets:
-        hypotheses = decode_set(model, task, test_set, batch_size, device, POST_PROCESS[units])
+        hypotheses = decode_set(model, task, test_set, batch_size, device, POST_PROCESS[units], progress)
         result = score(test_set.references, hypotheses)
         result.update({
             "folder": os.path.abspath(test_set.folder), "split": test_set.split,

@@ -24,7 +24,7 @@ for (( s = 1; s <= 2 * rounds; s++ )); do
   if (( s >= stage && s <= stop_stage )); then
     echo "stage $s: $name ($method, $size)${previous:+ from $previous}"
     init=()
-    if [ -n "$previous" ]; then init=("model.init_from=$previous"); fi
+    if [ -n "$previous" ]; then init=("++model.init_from=$previous"); fi
     fairseq-hydra-train --config-dir "$recipes" --config-name "${method}_${size}" \
       "task.data=$data" "checkpoint.save_dir=$out/$name" "common.user_dir=$user_dir" \
       "${init[@]}" "$@"

@@ -118,7 +118,7 @@ def plan(out: str, preset: str, size: str, seed: int) -> List[dict]:
                     tasks.append({
                         "kind": kind, "spec": asdict(spec), "split": split, "seed": seed,
                         "indices": list(range(start, min(start + CHUNK, total))), "words": counts.words,
-                        "audio_root": os.path.join(os.path.abspath(out), "audio"),
+                        "audio_root": os.path.join(os.path.realpath(out), "audio"),
                         "done_file": os.path.join(out, "chunks", name + ".json"),
                     })
     return tasks
@@ -165,7 +165,7 @@ def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
     grouped: Dict[Tuple[str, str, str], List[dict]] = {}
     for record in records:
         grouped.setdefault((record["kind"], record["spec"]["name"], record["split"]), []).extend(record["rows"])
-    root = os.path.join(os.path.abspath(out), "audio")
+    root = os.path.join(os.path.realpath(out), "audio")
     summary: Dict[str, dict] = {}
     for (kind, name, split), rows in sorted(grouped.items()):
         folder = os.path.join(out, kind, name)

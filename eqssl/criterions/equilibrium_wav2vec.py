@@ -4,7 +4,7 @@
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq import metrics
@@ -108,14 +108,21 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
             log.update(self._shard_stats(name, outputs[name]) if record is not None else self._shard_stats(name, {}))
         return log
 
-    def validation_logging_output(self, shard_names: List[str], outputs: Dict[str, dict]) -> dict:
-        """One validation batch's log: the loss at the shared weights per shard."""
+    def validation_logging_output(self, shard_names: List[str], outputs: Dict[str, dict],
+                                  records: Optional[dict] = None) -> dict:
+        """One validation batch's log: the loss at the shared weights per shard, and with
+        ``records`` (task.validation_gap_steps > 0) the loss after the inner steps."""
         log = self._common(outputs)
         log["loss"] = sum(o["normalised_loss"] for o in outputs.values()) / max(len(outputs), 1)
         for name in shard_names:
             output = outputs.get(name)
             log[f"_n_{name}"] = 1.0 if output is not None else 0.0
             log[f"_loss_before_{name}"] = output["normalised_loss"] if output is not None else 0.0
+            if records is not None:
+                record = records.get(name)
+                kept = record is not None and not record.dropped
+                log[f"_loss_after_{name}"] = record.loss_after if kept else 0.0
+                log[f"_after_n_{name}"] = 1.0 if kept else 0.0
             log.update(self._shard_stats(name, output or {}))
         return log
 
@@ -153,8 +160,9 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
                 continue
             before = total(f"_loss_before_{name}") / n / LN2
             metrics.log_scalar(f"loss_before_{name}", before, n, round=3)
-            if f"_loss_after_{name}" in logging_outputs[0]:
-                after = total(f"_loss_after_{name}") / n / LN2
+            n_after = total(f"_after_n_{name}") if f"_after_n_{name}" in logging_outputs[0] else n
+            if f"_loss_after_{name}" in logging_outputs[0] and n_after:
+                after = total(f"_loss_after_{name}") / n_after / LN2
                 metrics.log_scalar(f"loss_after_{name}", after, n, round=3)
                 metrics.log_scalar(f"gap_{name}", before - after, n, round=4)
             count = total(f"_count_{name}")

@@ -90,6 +90,20 @@ class EquilibriumPretrainingConfig(AudioPretrainingConfig):
         metadata={"help": "with shard_sampling=temperature: T (1 follows the data, 2 is XLS-R's "
                   "alpha=0.5, large is uniform)"},
     )
+    validation_gap_steps: int = field(
+        default=0,
+        metadata={
+            "help": "K for measuring the equilibrium gap on every validation batch: each shard's "
+            "loss before and after this many inner SGD steps of validation_gap_lr, logged as valid "
+            "loss_after_<shard> and gap_<shard> (for CSSL runs too). 0: off. Costs K+1 passes per "
+            "validation batch; the validation loss stays the loss at the shared weights"
+        },
+    )
+    validation_gap_lr: Optional[float] = field(
+        default=None,
+        metadata={"help": "alpha for validation_gap_steps; empty: the run's inner lr. Give it "
+                  "explicitly to compare gaps across runs with different learning rates"},
+    )
     check_audio_headers: bool = field(
         default=True,
         metadata={
@@ -183,7 +197,8 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             discover_shards(cfg.data, cfg.shards) if check_data
             else [s.strip() for s in cfg.shards.split(",") if s.strip()]
         )
-        if not 0 <= cfg.shards_per_update <= len(self.shard_names):
+        # Loaded from a checkpoint (e.g. to fine-tune), the task knows no shards and samples none.
+        if check_data and not 0 <= cfg.shards_per_update <= len(self.shard_names):
             raise ValueError(
                 f"task.shards_per_update={cfg.shards_per_update} must be in [0, {len(self.shard_names)}]"
             )
@@ -361,10 +376,34 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
 
     def valid_step(self, sample, model, criterion):
         model.eval()
-        with torch.no_grad():
-            outputs = {n: criterion.shard_loss(model, s)[1] for n, s in sample["shards"].items()}
-        logging_output = criterion.validation_logging_output(self.shard_names, outputs)
+        outputs: Dict[str, dict] = {}
+        records = {}
+        for name, shard in sample["shards"].items():
+            if self.cfg.validation_gap_steps > 0:
+                records[name] = self._validation_gap(name, shard, model, criterion, outputs)
+            else:
+                with torch.no_grad():
+                    outputs[name] = criterion.shard_loss(model, shard)[1]
+        logging_output = criterion.validation_logging_output(self.shard_names, outputs, records)
         return torch.tensor(logging_output["loss"]), 1, logging_output
+
+    def _validation_gap(self, name, shard, model, criterion, outputs):
+        """The shard's loss before and after validation_gap_steps inner steps; θ is left as found."""
+        module = getattr(model, "module", model)  # inner steps must not all-reduce
+        lr = self.cfg.validation_gap_lr if self.cfg.validation_gap_lr is not None else self.inner_lr
+        logs = []
+
+        def shard_loss():
+            loss, log = criterion.shard_loss(module, shard)
+            logs.append(log)
+            return loss
+
+        with torch.enable_grad():
+            record = equilibrium_backward(
+                module, [shard_loss], self.cfg.validation_gap_steps, lr, backward=lambda loss: None
+            )[0]
+        outputs[name] = logs[0]  # the statistics at the shared weights
+        return record
 
 
 def _call_with_batching(make, batching: Batching, dataset, epoch: int):

@@ -1,0 +1,122 @@
+"""Figures of an eqssl-reproduce experiment, from its training logs and results.json.
+
+    pip install -e ".[plots]" && python examples/plot_results.py runs/small docs [--seed 1]
+
+Writes, per preset, into the figure folder:
+- ``results_<preset>_gap.png``: per pre-training shard, the validation loss before and after the
+  inner step(s) and their difference (the equilibrium gap), against forward/backward passes per
+  shard, for CSSL.1 and the runs continued from it (one seed);
+- ``results_<preset>_wer.png``: WER and CER per fine-tuning set for every checkpoint, with the
+  standard deviation over seeds as error bars.
+Existing figures are replaced (they are generated files); nothing else is written.
+"""
+
+import argparse
+import json
+import os
+import re
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIELD = re.compile(r"\| (\S+) ([-+\d.e]+)")
+
+
+def validation_curve(log_path: str) -> List[Dict[str, float]]:
+    """Every validation line of a fairseq training log as {field: value}."""
+    rows = []
+    with open(log_path) as f:
+        for line in f:
+            if "| valid on" in line:
+                rows.append({k: float(v) for k, v in FIELD.findall(line)})
+    return rows
+
+
+def latest_results(out: str) -> dict:
+    names = [f for f in os.listdir(out) if re.fullmatch(r"results(\.\d+)?\.json", f)]
+    if not names:
+        raise SystemExit(f"{out}: no results.json; run eqssl-reproduce first")
+    newest = max(names, key=lambda f: os.path.getmtime(os.path.join(out, f)))
+    with open(os.path.join(out, newest)) as f:
+        return json.load(f)
+
+
+def plot_gap(out: str, preset: str, result: dict, seed: int, path: str) -> None:
+    rows = result["checkpoints"]
+    folder = os.path.join(out, preset, f"seed{seed}")
+    curves = {}
+    for name, row in rows.items():
+        log = os.path.join(folder, name, "train.log")
+        if os.path.exists(log) and (name == "cssl.1" or name.startswith(("ptloc.1", "cssl.1+"))):
+            curves[name] = validation_curve(log)
+    shards = [k[len("gap_"):] for k in (curves.get("cssl.1") or [{}])[0] if k.startswith("gap_")]
+    if not shards:
+        raise SystemExit(f"{folder}/cssl.1/train.log: no per-shard validation gaps (task.validation_gap_steps=0?)")
+    fig, axes = plt.subplots(2, len(shards), figsize=(3.2 * len(shards), 5.2), sharex=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, (name, curve) in enumerate(curves.items()):
+        row = rows[name]
+        per_update = row["passes"][str(seed)] / max(row["num_updates"][str(seed)], 1) / len(shards)
+        offset = 0 if name == "cssl.1" else rows["cssl.1"]["passes"][str(seed)] / len(shards)
+        x = np.array([offset + v["num_updates"] * per_update for v in curve])
+        for j, shard in enumerate(shards):
+            before = np.array([v.get(f"loss_before_{shard}", np.nan) for v in curve])
+            after = np.array([v.get(f"loss_after_{shard}", np.nan) for v in curve])
+            colour = "0.4" if name == "cssl.1" else colours[c % len(colours)]
+            axes[0, j].plot(x, before, color=colour, marker=".", markersize=3, label=row["label"] if j == 0 else None)
+            axes[0, j].plot(x, after, color=colour, linestyle=":")
+            axes[1, j].plot(x, before - after, color=colour)
+            axes[0, j].set_title(shard)
+            axes[1, j].set_xlabel("passes per shard")
+    axes[0, 0].set_ylabel("valid loss (bits/target)\nsolid: at θ, dotted: after K")
+    axes[1, 0].set_ylabel("equilibrium gap (bits)")
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{preset}: validation loss before/after the inner step and the gap (seed {seed})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.96))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_wer(preset: str, result: dict, path: str) -> None:
+    rows, sets = result["checkpoints"], result["sets"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(rows)
+    for m, metric in enumerate(("wer", "cer")):
+        for i, row in enumerate(rows.values()):
+            means = [100 * row["sets"][s][metric]["mean"] for s in sets]
+            sds = [100 * row["sets"][s][metric]["sd"] for s in sets]
+            axes[m].bar(np.arange(len(sets)) + i * width, means, width, yerr=sds, capsize=2,
+                        label=row["label"] if m == 0 else None)
+        axes[m].set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
+        axes[m].set_xticklabels([f"{s}\n({'seen' if seen else 'unseen'})" for s, seen in sets.items()], fontsize=8)
+        axes[m].set_ylabel(f"{metric.upper()} (%)")
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{preset}: test WER / CER after CTC fine-tuning, mean ± sd over {len(result['seeds'])} seed(s)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.16, 1, 0.95))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="the eqssl-reproduce --out folder")
+    parser.add_argument("figures", help="folder for the PNG files")
+    parser.add_argument("--seed", type=int, default=1, help="seed whose curves are drawn")
+    args = parser.parse_args()
+    summary = latest_results(args.out)
+    os.makedirs(args.figures, exist_ok=True)
+    for preset, result in summary["presets"].items():
+        gap = os.path.join(args.figures, f"results_{preset}_gap.png")
+        wer = os.path.join(args.figures, f"results_{preset}_wer.png")
+        plot_gap(args.out, preset, result, args.seed, gap)
+        plot_wer(preset, result, wer)
+        print(f"wrote {gap} and {wer}")
+
+
+if __name__ == "__main__":
+    main()

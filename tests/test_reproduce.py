@@ -1,0 +1,150 @@
+"""eqssl-reproduce's plumbing on the tiny multilingual corpus with a few updates per run: every
+stage runs and leaves a verifiable record, reruns skip finished stages, a changed checkpoint
+redoes exactly what depends on it, the results file has every cell, and the compute-matched
+baseline really makes as many passes as the PTLOC run. Which method wins is not asserted."""
+
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from conftest import REPO, run
+
+from eqssl.models.eq_wav2vec2 import load_pretraining_checkpoint
+
+PRETRAINING = ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.2"]
+SETS = ["sv"]
+
+
+@pytest.fixture(scope="module")
+def experiment(multilingual_corpus, tmp_path_factory):
+    """A finished two-round, one-seed experiment and the output of its first run."""
+    out = tmp_path_factory.mktemp("reproduce")
+    (out / "multilingual").mkdir()
+    # The manifests hold the corpus's absolute audio root, so it is linked, not copied; the
+    # corpus stage then verifies it and writes nothing.
+    (out / "multilingual" / "corpus").symlink_to(multilingual_corpus)
+    settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
+    settings.update(rounds=2, inner_steps=[1], validate_interval_updates=4)
+    settings["cssl1"].update(max_update=8, patience=2, validate_interval_updates=4)
+    settings["ptloc"].update(max_update=3, warmup_updates=1)
+    settings["cssl_round"]["max_update"] = 3
+    settings["gap"]["batches"] = 2
+    settings["finetune"].update(max_update=4, sets={"multilingual": SETS})
+    path = out / "settings.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out]
+    first = run(command)
+    assert first.returncode == 0, first.stdout[-3000:]
+    return out, command, first.stdout
+
+
+def records(out):
+    seed = out / "multilingual" / "seed1"
+    found = {name: json.loads((seed / name / "eqssl_stage.json").read_text()) for name in PRETRAINING}
+    for name in PRETRAINING:
+        for s in SETS:
+            found[f"{name}/{s}"] = json.loads((seed / "finetune" / name / s / "eqssl_stage.json").read_text())
+    return found
+
+
+def test_results_file_has_every_cell(experiment):
+    out, _, stdout = experiment
+    summary = json.loads((out / "results.json").read_text())
+    result = summary["presets"]["multilingual"]
+    assert list(result["checkpoints"]) == PRETRAINING
+    assert result["sets"] == {"sv": False}  # unseen in pre-training
+    for name, row in result["checkpoints"].items():
+        for s in SETS:
+            for metric in ("wer", "cer"):
+                cell = row["sets"][s][metric]
+                assert math.isfinite(cell["mean"]) and cell["seeds"] == 1, (name, s, metric)
+        assert sorted(row["gap"]) == ["en", "fr", "nl"]
+        for shard in row["gap"].values():
+            assert math.isfinite(shard["gap"]["mean"])
+            assert shard["gap"]["mean"] == pytest.approx(shard["loss_before"]["mean"] - shard["loss_after"]["mean"])
+    table = (out / "results.md").read_text()
+    assert table in stdout
+    for row in result["checkpoints"].values():
+        assert f"| {row['label']} |" in table
+
+
+def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
+    out, _, _ = experiment
+    seed = out / "multilingual" / "seed1"
+    ptloc = load_pretraining_checkpoint(str(seed / "ptloc.1.k1" / "checkpoint_last.pt"))
+    cssl = load_pretraining_checkpoint(str(seed / "cssl.1+2x" / "checkpoint_last.pt"))
+    k = ptloc["cfg"]["task"]["inner_steps"]
+    assert (k, cssl["cfg"]["task"]["inner_steps"]) == (1, 0)
+    for state in (ptloc, cssl):
+        assert state["cfg"]["task"]["shard_sampling"] == "all"  # every shard in every update
+        assert list(state["cfg"]["optimization"]["lr"]) == [0.0001]
+    ptloc_updates = ptloc["optimizer_history"][-1]["num_updates"]
+    cssl_updates = cssl["optimizer_history"][-1]["num_updates"]
+    assert ptloc_updates == 3
+    assert cssl_updates == (k + 1) * ptloc_updates
+    found = records(out)
+    assert found["cssl.1+2x"]["passes"] == found["ptloc.1.k1"]["passes"] == 3 * 3 * 2
+    # Both continue from CSSL.1's result, and the temperature baseline draws one language per update.
+    assert found["cssl.1+2x"]["input_sha256"] == found["ptloc.1.k1"]["input_sha256"] == found["cssl.1"]["sha256"]
+    assert found["cssl.1-temp"]["passes"] == found["cssl.1-temp"]["num_updates"]
+
+
+def test_validation_logs_the_gap_of_every_shard_in_every_run(experiment):
+    out, _, _ = experiment
+    for name in PRETRAINING:
+        log = (out / "multilingual" / "seed1" / name / "train.log").read_text()
+        valid = [line for line in log.splitlines() if "| valid on" in line]
+        assert valid, name
+        for shard in ("en", "fr", "nl"):
+            assert f"gap_{shard} " in valid[-1] and f"loss_after_{shard} " in valid[-1], (name, valid[-1])
+
+
+def test_rerun_skips_finished_stages_and_keeps_the_results(experiment):
+    out, command, _ = experiment
+    before = records(out)
+    logs = {n: (out / "multilingual" / "seed1" / n / "train.log").stat().st_size for n in PRETRAINING}
+    again = run(command)
+    assert again.returncode == 0, again.stdout[-3000:]
+    for name in PRETRAINING:
+        assert f"{name}: done, skipped" in again.stdout
+    assert records(out) == before
+    assert logs == {n: (out / "multilingual" / "seed1" / n / "train.log").stat().st_size for n in PRETRAINING}
+    # The earlier results stay; the rerun's table is a new file with the same numbers.
+    first = json.loads((out / "results.json").read_text())["presets"]
+    second = json.loads((out / "results.1.json").read_text())["presets"]
+    assert first == second
+
+
+def test_a_changed_checkpoint_redoes_it_and_what_depends_on_it(experiment):
+    out, command, _ = experiment
+    seed = out / "multilingual" / "seed1"
+    before = records(out)
+    checkpoint = seed / "cssl.2" / before["cssl.2"]["checkpoint"]
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
+    again = run(command)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert (seed / "cssl.2.stale").is_dir()  # moved aside, not deleted
+    after = records(out)
+    redone = {name for name in after if after[name] != before[name]}
+    assert redone == {"cssl.2", "ptloc.2", "cssl.2/sv", "ptloc.2/sv"}
+    for name in ("cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp"):
+        assert f"{name}: done, skipped" in again.stdout
+    # Same seed, same start: the redone runs repeat the first ones exactly.
+    assert after["cssl.2"]["gap"] == before["cssl.2"]["gap"]
+
+
+def test_bad_settings_fail_before_any_work(tmp_path):
+    settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
+    settings["finetune"]["sets"] = {"multilingual": ["klingon"]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    result = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
+    assert result.returncode != 0
+    assert "finetune.sets.multilingual: unknown set(s) ['klingon']" in result.stdout
+    assert str(path) in result.stdout
+    assert not (tmp_path / "out").exists()
+    missing = run(["eqssl-reproduce", "--size", "huge", "--out", tmp_path / "out"])
+    assert missing.returncode != 0 and "sizes: full, small, tiny" in missing.stdout
