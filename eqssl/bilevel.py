@@ -25,6 +25,7 @@ from typing import Callable, ContextManager, List, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 Closure = Callable[[], torch.Tensor]
 
@@ -88,12 +89,37 @@ def _check_arguments(
     return weights
 
 
-def _all_finite(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
-    present = [t for t in tensors if t is not None]
-    if not present:
+def _sgd_step_in_backward(loss: torch.Tensor, params: Sequence[torch.Tensor], lr: float) -> bool:
+    """One inner SGD step φ ← φ - lr ∇loss(φ), applied to each parameter as soon as backward has
+    finished its gradient (PyTorch's optimizer-in-backward pattern), so that at most one
+    parameter's inner gradient exists at a time instead of a whole copy. Returns whether every
+    gradient was finite. The parameters' ``.grad`` (the outer sum so far) is left as found.
+
+    Safe because a parameter's gradient is complete only after every node that used it has run
+    its backward; were its value still needed, autograd's version check would raise.
+    """
+    outer_grads = [p.grad for p in params]  # references, not copies
+    finite: List[torch.Tensor] = []
+
+    def step(p: torch.Tensor) -> None:
+        with torch.no_grad():
+            finite.append(torch.isfinite(p.grad).all())
+            p.add_(p.grad, alpha=-lr)
+        p.grad = None
+
+    for p in params:
+        p.grad = None
+    handles = [p.register_post_accumulate_grad_hook(step) for p in params]
+    try:
+        torch.autograd.backward(loss, inputs=list(params))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in zip(params, outer_grads):
+            p.grad = grad
+    if not finite:
         return True
-    norms = torch._foreach_norm(present, float("inf"))
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    return bool(torch.stack([f.to(finite[0].device) for f in finite]).all())
 
 
 def equilibrium_backward(
@@ -151,10 +177,18 @@ def equilibrium_backward(
     if outer_context is None:
         outer_context = lambda i: contextlib.nullcontext()  # noqa: E731
 
+    with record_function("eqssl.update"):  # labels for torch.profiler (examples/benchmark_update_cost.py)
+        return _equilibrium_backward(model, closures, inner_closures, inner_steps, inner_lr, weights,
+                                     backward, outer_context, inner_loss_scale, same_randomness)
+
+
+def _equilibrium_backward(model, closures, inner_closures, inner_steps, inner_lr, weights, backward,
+                          outer_context, inner_loss_scale, same_randomness) -> List[ShardRecord]:
     params = [p for p in model.parameters() if p.requires_grad]
     cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
     # The one extra copy of the trainable parameters that φ_i is rebuilt from for every shard.
-    theta = [p.detach().clone() for p in params] if inner_steps > 0 else []
+    with record_function("eqssl.copy_theta"):
+        theta = [p.detach().clone() for p in params] if inner_steps > 0 else []
 
     records = []
     try:
@@ -164,29 +198,22 @@ def equilibrium_backward(
             for _ in range(inner_steps):
                 if rng is not None:
                     rng.restore()
-                loss = inner_closure()
-                record.inner_losses.append(loss.item())
+                with record_function("eqssl.inner_forward"):
+                    loss = inner_closure()
+                    record.inner_losses.append(loss.item())
                 if not math.isfinite(record.inner_losses[-1]):
                     record.dropped = True
                     break
-                grads = torch.autograd.grad(loss * inner_loss_scale, params, allow_unused=True)
-                del loss  # frees the graph before the step
-                if not _all_finite(grads):
-                    record.dropped = True
+                with record_function("eqssl.inner_backward_and_step"):
+                    finite = _sgd_step_in_backward(loss * inner_loss_scale, params, inner_lr / inner_loss_scale)
+                del loss
+                if not finite:
+                    record.dropped = True  # θ is restored below; nothing reached .grad
                     break
-                stepped = [(p, g) for p, g in zip(params, grads) if g is not None]
-                if stepped:
-                    with torch.no_grad():
-                        torch._foreach_add_(
-                            [p for p, _ in stepped],
-                            [g.to(p.dtype) for p, g in stepped],
-                            alpha=-inner_lr / inner_loss_scale,
-                        )
-                del grads, stepped
             if not record.dropped:
                 if rng is not None:
                     rng.restore()
-                with outer_context(i):
+                with outer_context(i), record_function("eqssl.outer_forward_backward"):
                     loss = closure()
                     record.loss_after = loss.item()
                     if math.isfinite(record.loss_after):
@@ -196,7 +223,7 @@ def equilibrium_backward(
                     del loss
             record.loss_before = record.inner_losses[0] if record.inner_losses else record.loss_after
             if theta:
-                with torch.no_grad():
+                with torch.no_grad(), record_function("eqssl.restore_theta"):
                     torch._foreach_copy_(params, theta)
             records.append(record)
     finally:

@@ -94,7 +94,7 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
     interval = settings["validate_interval_updates"]
     common = [f"++task.validation_gap_steps={gap['inner_steps']}", f"++task.validation_gap_lr={gap['inner_lr']}",
               f"dataset.validate_interval_updates={interval}", f"checkpoint.save_interval_updates={interval}",
-              "common.log_interval=10"]
+              "common.log_interval=10", *settings.get("pretrain_overrides", [])]
     first = settings["inner_steps"][0]
 
     def ptloc_run(name: str, label: str, k: int, init: str) -> PretrainRun:
@@ -306,6 +306,14 @@ def measure(chain: Chain, checkpoint: str) -> Dict[str, dict]:
     return measure_gap(checkpoint, data, discover_shards(data, ""), args)
 
 
+def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, overrides: Sequence[str]) -> List[str]:
+    """The fairseq-hydra-train command of one CTC fine-tuning run with a recipes/finetune recipe."""
+    return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "finetune"), "--config-name", recipe,
+            f"task.data={os.path.abspath(data)}", f"model.w2v_path={os.path.abspath(pretrained)}",
+            f"checkpoint.save_dir={os.path.abspath(save_dir)}",
+            f"common.user_dir={os.path.dirname(os.path.abspath(__file__))}", *overrides]
+
+
 def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
     """Stage: CTC fine-tuning of one pre-trained checkpoint on one set, then its test WER / CER."""
     from .evaluate import evaluate
@@ -318,14 +326,11 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
     settings = chain.settings["finetune"]
     data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
     start = time.time()
-    run_fairseq(
-        ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "finetune"), "--config-name", settings["recipe"],
-         f"++task.data={data}", f"model.w2v_path={os.path.abspath(pretrained)}",
-         f"checkpoint.save_dir={os.path.abspath(folder)}", f"common.seed={chain.seed}",
-         f"optimization.max_update={settings['max_update']}",
-         f"common.user_dir={os.path.dirname(os.path.abspath(__file__))}", *settings.get("overrides", [])],
-        os.path.join(folder, "train.log"), f"{chain.tag} finetune {name}/{set_name}", None, chain.threads,
-    )
+    command = finetune_command(settings["recipe"], data, pretrained, folder, [
+        f"common.seed={chain.seed}", f"optimization.max_update={settings['max_update']}",
+        *settings.get("overrides", [])])
+    run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} finetune {name}/{set_name}", None,
+                chain.threads)
     report = evaluate(os.path.join(folder, "checkpoint_best.pt"), [f"{set_name}={data}:test"], progress=False)
     result = report["sets"][set_name]
     record = mark_finished(folder, "checkpoint_best.pt", input_sha256=pretrained_sha256, pretrained=name, set=set_name, wer=result["wer"],

@@ -6,7 +6,8 @@
         [--recipe ctc_tiny] [--test-split test] [--override optimization.max_update=150 ...]
 
 Stage 1 fine-tunes each checkpoint on each set with the same recipe, label budget, updates and
-seed (OUT/finetune/CHECKPOINT/SET; a finished run is resumed by fairseq and ends at once). Stage 2
+seed (OUT/finetune/CHECKPOINT/SET; a finished run is resumed by fairseq and ends at once), the same
+runs as eqssl-reproduce's fine-tuning stage but for any checkpoints (e.g. stock fairseq ones). Stage 2
 decodes each set's test split with its fine-tuned model (greedy CTC) and writes
 OUT/comparison.json and OUT/comparison.md: rows are checkpoints, columns sets, cells WER / CER
 (%). Existing results files are never overwritten: a rerun writes comparison.N.md.
@@ -19,8 +20,7 @@ import subprocess
 import sys
 
 from eqssl.evaluate import evaluate
-
-RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "finetune")
+from eqssl.reproduce import finetune_command, new_path
 
 
 def named(items):
@@ -35,12 +35,8 @@ def stage_finetune(out, checkpoints, sets, recipe, overrides):
         for set_name, folder in sets.items():
             save = os.path.join(out, "finetune", ckpt_name, set_name)
             print(f"fine-tuning {ckpt_name} on {set_name} -> {save}", flush=True)
-            subprocess.run(
-                ["fairseq-hydra-train", "--config-dir", RECIPES, "--config-name", recipe,
-                 f"task.data={os.path.abspath(folder)}", f"model.w2v_path={os.path.abspath(ckpt)}",
-                 f"checkpoint.save_dir={save}", *overrides],
-                check=True, stdout=subprocess.DEVNULL,
-            )
+            subprocess.run(finetune_command(recipe, folder, ckpt, save, overrides), check=True,
+                           stdout=subprocess.DEVNULL)
 
 
 def stage_evaluate(out, checkpoints, sets, test_split):
@@ -61,14 +57,6 @@ def markdown(table, sets):
         cells = [f"{100 * row[s]['wer']:.1f} / {100 * row[s]['cer']:.1f}" for s in sets]
         lines.append(f"| {ckpt_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def new_path(path):
-    stem, ext = os.path.splitext(path)
-    n = 1
-    while os.path.exists(path):
-        path, n = f"{stem}.{n}{ext}", n + 1
-    return path
 
 
 def main():

@@ -148,3 +148,19 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     missing = run(["eqssl-reproduce", "--size", "huge", "--out", tmp_path / "out"])
     assert missing.returncode != 0 and "sizes: full, small, tiny" in missing.stdout
+
+
+def test_compare_checkpoints_runs_the_same_fine_tuning_on_any_checkpoints(experiment, multilingual_corpus, tmp_path):
+    out, _, _ = experiment
+    seed = out / "multilingual" / "seed1"
+    result = run(["python", REPO / "examples" / "compare_checkpoints.py", tmp_path,
+                  "--checkpoints", f"A={seed / 'cssl.1' / 'checkpoint_best.pt'}",
+                  f"B={seed / 'ptloc.1.k1' / 'checkpoint_last.pt'}",
+                  "--sets", f"sv={multilingual_corpus / 'finetune' / 'sv'}",
+                  "--override", "optimization.max_update=4"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    table = json.loads((tmp_path / "comparison.json").read_text())["results"]
+    assert sorted(table) == ["A", "B"]
+    for row in table.values():
+        assert math.isfinite(row["sv"]["wer"]) and math.isfinite(row["sv"]["cer"])
+    assert (tmp_path / "finetune" / "B" / "sv" / "checkpoint_best.pt").exists()
