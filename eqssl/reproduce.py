@@ -259,6 +259,14 @@ class Chain:
         return os.path.join(self.out, self.preset, "corpus")
 
 
+def pretrain_command(run: PretrainRun, data: str, save_dir: str, seed: int, init: Optional[str]) -> List[str]:
+    """The fairseq-hydra-train command of one pre-training run of the experiment."""
+    return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "pretrain"), "--config-name", run.recipe,
+            f"++task.data={os.path.abspath(data)}", f"checkpoint.save_dir={os.path.abspath(save_dir)}",
+            f"common.seed={seed}", f"common.user_dir={os.path.dirname(os.path.abspath(__file__))}", *run.overrides,
+            *([f"++model.init_from={os.path.abspath(init)}"] if init else [])]
+
+
 def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     """Stage: one pre-training run, then the equilibrium gap of its checkpoint."""
     folder = os.path.join(chain.folder, run.name)
@@ -269,23 +277,16 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
         return record
     os.makedirs(folder, exist_ok=True)
     start = time.time()
-    init = []
-    if source:
-        init = [f"++model.init_from={os.path.abspath(os.path.join(chain.folder, run.init_from, source['checkpoint']))}"]
+    init = os.path.join(chain.folder, run.init_from, source["checkpoint"]) if source else None
     max_update = int(override_value(run.overrides, "optimization.max_update") or 0)
     print(f"{chain.tag} {run.name}: {run.label}{' from ' + run.init_from if run.init_from else ''}", flush=True)
-    run_fairseq(
-        ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "pretrain"), "--config-name", run.recipe,
-         f"++task.data={os.path.abspath(os.path.join(chain.corpus, 'pretrain'))}",
-         f"checkpoint.save_dir={os.path.abspath(folder)}", f"common.seed={chain.seed}",
-         f"common.user_dir={os.path.dirname(os.path.abspath(__file__))}", *run.overrides, *init],
-        os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads,
-    )
+    command = pretrain_command(run, os.path.join(chain.corpus, "pretrain"), folder, chain.seed, init)
+    run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
     updates, task_cfg = checkpoint_updates(os.path.join(folder, "checkpoint_last.pt"))
     gap = measure(chain, os.path.join(folder, run.checkpoint))
     record = mark_finished(
-        folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label, init_from=run.init_from, matched_to=run.matched_to,
-        num_updates=updates, inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
+        folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
+        init_from=run.init_from, matched_to=run.matched_to,        num_updates=updates, inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
         gap=gap, seconds=round(time.time() - start, 1),
     )
     print(f"{chain.tag} {run.name}: finished, {updates} updates, mean gap {mean(g['gap'] for g in gap.values()):+.4f}"

@@ -164,3 +164,31 @@ def test_compare_checkpoints_runs_the_same_fine_tuning_on_any_checkpoints(experi
     for row in table.values():
         assert math.isfinite(row["sv"]["wer"]) and math.isfinite(row["sv"]["cer"])
     assert (tmp_path / "finetune" / "B" / "sv" / "checkpoint_best.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.k3", "cssl.1+4x", "cssl.1-temp", "cssl.3", "finetune"])
+def test_gpu_size_settings_compose(name):
+    """The `full` (BASE, GPU) experiment is not run here; each kind of its runs composes in
+    fairseq-hydra-train with the overrides eqssl-reproduce gives it (--cfg job runs nothing)."""
+    from eqssl.reproduce import finetune_command, load_settings, plan_pretraining, pretrain_command
+
+    settings = load_settings("full")
+    if name == "finetune":
+        command = finetune_command(settings["finetune"]["recipe"], "/data/sv", "/pretrained.pt", "/ft",
+                                   settings["finetune"]["overrides"])
+        expected = ["_name: audio_finetuning", "distributed_world_size: 1", "max_update: 13000"]
+    else:
+        run_ = {r.name: r for r in plan_pretraining("multilingual", settings)}[name]
+        command = pretrain_command(run_, "/data", "/save", 1, None if name == "cssl.1" else "/init.pt")
+        expected = ["_name: equilibrium_pretraining", "distributed_world_size: 1", "validation_gap_steps: 1",
+                    "encoder_embed_dim: 768"]
+        if name == "ptloc.1.k3":
+            expected += ["inner_steps: 3", "max_update: 10000"]
+        if name == "cssl.1+4x":
+            expected += ["inner_steps: 0", "max_update: 40000", "warmup_updates: 8000"]
+        if name == "cssl.1-temp":
+            expected += ["shard_sampling: temperature", "shards_per_update: 1"]
+    result = run([*command, "--cfg", "job"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    for line in expected:
+        assert line in result.stdout, (line, result.stdout[-3000:])
