@@ -161,10 +161,10 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def finished(folder: str, input_sha256: Optional[str] = None) -> Optional[dict]:
+def finished(folder: str, input_sha256: Optional[str] = None, move_stale: bool = True) -> Optional[dict]:
     """The record of a finished stage whose checkpoint, and the checkpoint it started from, still
     verify; else None. A finished stage that no longer verifies is moved aside (never deleted)
-    so that it is redone from scratch."""
+    so that it is redone from scratch, unless move_stale is False."""
     path = os.path.join(folder, MARKER)
     if not os.path.exists(path):
         return None  # new, or interrupted: fairseq resumes it from its checkpoint_last.pt
@@ -174,6 +174,8 @@ def finished(folder: str, input_sha256: Optional[str] = None) -> Optional[dict]:
     if (os.path.exists(checkpoint) and sha256(checkpoint) == record["sha256"]
             and record.get("input_sha256") == input_sha256):
         return record
+    if not move_stale:
+        return None
     stale = new_path(folder.rstrip(os.sep) + ".stale")
     os.rename(folder, stale)
     print(f"{folder}: its checkpoint or the one it started from changed since it finished; "
@@ -363,6 +365,26 @@ def run_chain(chain: Chain) -> dict:
     return results
 
 
+def collect_chain(chain: Chain) -> Optional[dict]:
+    """run_chain's results from the stage records if every stage of the chain finished and
+    verifies, else None; runs and changes nothing."""
+    done: Dict[str, dict] = {}
+    for run in plan_pretraining(chain.preset, chain.settings):
+        source = done[run.init_from] if run.init_from else None
+        record = finished(os.path.join(chain.folder, run.name), source["sha256"] if source else None, False)
+        if record is None:
+            return None
+        done[run.name] = record
+    results = {}
+    for name, record in done.items():
+        sets = {s: finished(os.path.join(chain.folder, "finetune", name, s), record["sha256"], False)
+                for s in finetune_sets(chain.preset, chain.settings)}
+        if any(r is None for r in sets.values()):
+            return None
+        results[name] = {"pretraining": record, "finetune": sets}
+    return results
+
+
 # ------------------------------------------------------------------ results
 def mean(values) -> float:
     values = list(values)
@@ -466,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(preset, seed) chains run at once, each with cores/jobs threads")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: tabulate the seeds whose every stage has finished")
     return parser
 
 
@@ -480,13 +504,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ReproduceError as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
     start = time.time()
-    for preset in args.preset:
-        make_corpus(args.out, preset, settings["corpus_size"])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     chains = [Chain(p, s, args.out, settings, threads) for p in args.preset for s in range(1, args.seeds + 1)]
     results: Dict[str, Dict[int, dict]] = {p: {} for p in args.preset}
+    if not args.report:
+        for preset in args.preset:
+            make_corpus(args.out, preset, settings["corpus_size"])
     try:
-        if args.jobs == 1:
+        if args.report:
+            for chain in chains:
+                found = collect_chain(chain)
+                if found is None:
+                    print(f"{chain.tag}: not finished, left out of the tables", flush=True)
+                else:
+                    results[chain.preset][chain.seed] = found
+            empty = [p for p in args.preset if not results[p]]
+            if empty:
+                raise ReproduceError(f"no finished seed for {', '.join(empty)} under {args.out}")
+        elif args.jobs == 1:
             for chain in chains:
                 results[chain.preset][chain.seed] = run_chain(chain)
         else:
@@ -498,7 +533,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     results[chain.preset][chain.seed] = future.result()
     except ReproduceError as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
-    summary = {"settings": settings, "seeds": args.seeds, "wall_seconds": round(time.time() - start, 1),
+    summary = {"settings": settings, "wall_seconds": round(time.time() - start, 1),
                "presets": {p: aggregate(p, settings, results[p]) for p in args.preset}}
     text = "\n".join(markdown(p, summary["presets"][p]) for p in args.preset)
     md, js = new_path(os.path.join(args.out, "results.md")), new_path(os.path.join(args.out, "results.json"))

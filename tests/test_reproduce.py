@@ -192,3 +192,15 @@ def test_gpu_size_settings_compose(name):
     assert result.returncode == 0, result.stdout[-3000:]
     for line in expected:
         assert line in result.stdout, (line, result.stdout[-3000:])
+
+
+def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
+    out, command, _ = experiment
+    report = run([*command, "--seeds", "2", "--report"])
+    assert report.returncode == 0, report.stdout[-3000:]
+    assert "[multilingual seed 2]: not finished, left out of the tables" in report.stdout
+    assert "mean ± sd over 1 seed(s)" in report.stdout
+    assert "] corpus:" not in report.stdout and "cssl.1: CSSL.1" not in report.stdout  # nothing ran
+    assert not (out / "multilingual" / "seed2").exists()
+    nothing = run([*command[:-2], "--out", tmp_path, "--report"])
+    assert nothing.returncode != 0 and "no finished seed for multilingual" in nothing.stdout
