@@ -331,7 +331,7 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
     start = time.time()
     command = finetune_command(settings["recipe"], data, pretrained, folder, [
         f"common.seed={chain.seed}", f"optimization.max_update={settings['max_update']}",
-        *settings.get("overrides", [])])
+        *settings.get("overrides", []), *(settings.get("preset_overrides") or {}).get(chain.preset, [])])
     run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} finetune {name}/{set_name}", None,
                 chain.threads)
     report = evaluate(os.path.join(folder, "checkpoint_best.pt"), [f"{set_name}={data}:test"], progress=False)
