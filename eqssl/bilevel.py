@@ -125,6 +125,7 @@ def _sgd_step_in_backward(loss: torch.Tensor, params: Sequence[torch.Tensor], lr
     return bool(torch.isfinite(torch.stack([c.to(checksums[0].device) for c in checksums])).all())
 
 
+@record_function("eqssl.update")  # the profiler labels serve examples/benchmark_update_cost.py
 def equilibrium_backward(
     model: torch.nn.Module,
     closures: Sequence[Closure],
@@ -180,13 +181,6 @@ def equilibrium_backward(
     if outer_context is None:
         outer_context = lambda i: contextlib.nullcontext()  # noqa: E731
 
-    with record_function("eqssl.update"):  # labels for torch.profiler (examples/benchmark_update_cost.py)
-        return _equilibrium_backward(model, closures, inner_closures, inner_steps, inner_lr, weights,
-                                     backward, outer_context, inner_loss_scale, same_randomness)
-
-
-def _equilibrium_backward(model, closures, inner_closures, inner_steps, inner_lr, weights, backward,
-                          outer_context, inner_loss_scale, same_randomness) -> List[ShardRecord]:
     params = [p for p in model.parameters() if p.requires_grad]
     cuda_devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
     # The one extra copy of the trainable parameters that φ_i is rebuilt from for every shard.

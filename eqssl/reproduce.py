@@ -35,7 +35,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import yaml
@@ -246,7 +246,6 @@ class Chain:
     out: str
     settings: dict
     threads: int
-    initial_updates: Dict[str, int] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -288,7 +287,8 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     gap = measure(chain, os.path.join(folder, run.checkpoint))
     record = mark_finished(
         folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
-        init_from=run.init_from, matched_to=run.matched_to,        num_updates=updates, inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
+        init_from=run.init_from, matched_to=run.matched_to, num_updates=updates,
+        inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
         gap=gap, seconds=round(time.time() - start, 1),
     )
     print(f"{chain.tag} {run.name}: finished, {updates} updates, mean gap {mean(g['gap'] for g in gap.values()):+.4f}"
@@ -336,8 +336,8 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
                 chain.threads)
     report = evaluate(os.path.join(folder, "checkpoint_best.pt"), [f"{set_name}={data}:test"], progress=False)
     result = report["sets"][set_name]
-    record = mark_finished(folder, "checkpoint_best.pt", input_sha256=pretrained_sha256, pretrained=name, set=set_name, wer=result["wer"],
-                           cer=result["cer"], seconds=round(time.time() - start, 1))
+    record = mark_finished(folder, "checkpoint_best.pt", input_sha256=pretrained_sha256, pretrained=name,
+                           set=set_name, wer=result["wer"], cer=result["cer"], seconds=round(time.time() - start, 1))
     print(f"{chain.tag} finetune {name}/{set_name}: WER {100 * result['wer']:.1f} CER {100 * result['cer']:.1f} "
           f"({record['seconds']:.0f} s)", flush=True)
     return record

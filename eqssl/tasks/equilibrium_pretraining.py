@@ -377,18 +377,19 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
     def valid_step(self, sample, model, criterion):
         model.eval()
         outputs: Dict[str, dict] = {}
-        records = {}
+        records = {} if self.cfg.validation_gap_steps > 0 else None
         for name, shard in sample["shards"].items():
-            if self.cfg.validation_gap_steps > 0:
-                records[name] = self._validation_gap(name, shard, model, criterion, outputs)
+            if records is not None:
+                records[name], outputs[name] = self._validation_gap(shard, model, criterion)
             else:
                 with torch.no_grad():
                     outputs[name] = criterion.shard_loss(model, shard)[1]
         logging_output = criterion.validation_logging_output(self.shard_names, outputs, records)
         return torch.tensor(logging_output["loss"]), 1, logging_output
 
-    def _validation_gap(self, name, shard, model, criterion, outputs):
-        """The shard's loss before and after validation_gap_steps inner steps; θ is left as found."""
+    def _validation_gap(self, shard, model, criterion):
+        """The shard's record of validation_gap_steps inner steps (loss before and after) and its
+        log at the shared weights; θ is left as found."""
         module = getattr(model, "module", model)  # inner steps must not all-reduce
         lr = self.cfg.validation_gap_lr if self.cfg.validation_gap_lr is not None else self.inner_lr
         logs = []
@@ -402,8 +403,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             record = equilibrium_backward(
                 module, [shard_loss], self.cfg.validation_gap_steps, lr, backward=lambda loss: None
             )[0]
-        outputs[name] = logs[0]  # the statistics at the shared weights
-        return record
+        return record, logs[0]
 
 
 def _call_with_batching(make, batching: Batching, dataset, epoch: int):
