@@ -508,8 +508,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chains = [Chain(p, s, args.out, settings, threads) for p in args.preset for s in range(1, args.seeds + 1)]
     results: Dict[str, Dict[int, dict]] = {p: {} for p in args.preset}
     if not args.report:
-        for preset in args.preset:
-            make_corpus(args.out, preset, settings["corpus_size"])
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each corpus is one subprocess
+            list(pool.map(lambda preset: make_corpus(args.out, preset, settings["corpus_size"]), args.preset))
     try:
         if args.report:
             for chain in chains:
