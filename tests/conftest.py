@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,35 @@ def run(command, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
 
 def fairseq_train(data, save_dir, *extra) -> subprocess.CompletedProcess:
     return run(["fairseq-train", data, *TRAIN_FLAGS, "--save-dir", save_dir, *extra])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600) -> list:
+    """fairseq-train as ``workers`` CPU processes of one gloo job, launched the way fairseq reads
+    an explicit init method (torchrun's path needs CUDA in fairseq); returns each rank's output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    address = f"tcp://localhost:{free_port()}"
+    processes = [
+        subprocess.Popen(
+            [str(BIN / "fairseq-train"), str(data), *TRAIN_FLAGS, "--save-dir", str(save_dir),
+             "--distributed-world-size", str(workers), "--distributed-rank", str(rank),
+             "--distributed-init-method", address, "--distributed-no-spawn", "--distributed-backend", "gloo",
+             *map(str, extra)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(workers)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(processes, outputs)]
 
 
 def train_log_values(output: str, key: str) -> list:

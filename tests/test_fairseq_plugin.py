@@ -106,9 +106,9 @@ def reference_update(cfg, task, trained_model, sample, inner_steps: int, inner_l
     theta = [p.detach().clone() for p in params]
     total = [torch.zeros_like(p) for p in params]
     shards = list(sample["shards"].values())
-    utils.set_torch_seed(cfg.common.seed + 0)  # what fairseq's trainer does before update 1
-    first_id = int(shards[0]["id"][0])
-    with data_utils.numpy_seed(cfg.common.seed, 0, first_id):
+    # What the task does: numpy and torch seeded from (seed, update, first clip of the batch).
+    batch_seed = int(hash((cfg.common.seed, 0, int(shards[0]["id"][0]))) % 1e6)
+    with data_utils.numpy_seed(batch_seed), utils.set_torch_seed(batch_seed):
         for batch in shards:
             state = (torch.get_rng_state(), np.random.get_state())
 

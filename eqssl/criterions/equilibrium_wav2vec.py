@@ -12,6 +12,8 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
 from fairseq.logging.meters import safe_round
 
+from ..distributed import unwrap
+
 logger = logging.getLogger(__name__)
 
 LN2 = math.log(2)
@@ -59,7 +61,7 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
 
     def shard_loss(self, model, sample) -> Tuple[torch.Tensor, dict]:
         """g_i for one shard's batch: the wav2vec 2.0 loss averaged over its targets."""
-        module = getattr(model, "module", model)
+        module = unwrap(model)
         if self.loss_weights is not None and len(self.loss_weights) > 1:
             extra = 2 if getattr(module, "quantizer", None) is not None else 1
             if len(self.loss_weights) != extra:

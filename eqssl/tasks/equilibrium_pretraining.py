@@ -11,6 +11,7 @@ from functools import partial
 from typing import Dict, List, Optional
 
 import torch
+from fairseq import utils
 from fairseq.data import data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.optim.amp_optimizer import AMPOptimizer
@@ -20,6 +21,7 @@ from omegaconf import II, open_dict
 
 from ..bilevel import equilibrium_backward
 from ..data import DataError, read_manifest, receptive_field
+from ..distributed import unwrap
 from ..data.shards import (
     Batching,
     ShardedAudioDataset,
@@ -331,7 +333,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         model.train()
         model.set_num_updates(update_num)
-        module = getattr(model, "module", model)  # unwrapped from DDP: inner passes never all-reduce
+        module = unwrap(model)  # inner passes on the bare model never all-reduce
         names = list(sample["shards"])
         weights = [0.0 if ignore_grad else self.shard_weights[n] for n in names]
         total = sum(weights)
@@ -349,10 +351,13 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             last = i == len(names) - 1
             return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
-        # fairseq re-seeds torch every update but not numpy, which draws wav2vec 2.0's masks and
-        # negatives; seeding it from the update makes a resumed run repeat an uninterrupted one.
+        # wav2vec 2.0 draws masks from numpy and negatives and dropout from torch. Seeding both
+        # from the update and the batch (fairseq seeds torch per update only, numpy never) makes a
+        # resumed run repeat an uninterrupted one, and makes a batch's update the same whichever
+        # worker or update_freq slot computes it: N workers equal one process with N x update_freq.
         first_id = int(next(iter(sample["shards"].values()))["id"][0])
-        with data_utils.numpy_seed(self.cfg.seed, update_num, first_id):
+        batch_seed = int(hash((self.cfg.seed, update_num, first_id)) % 1e6)  # as fairseq's numpy_seed
+        with data_utils.numpy_seed(batch_seed), utils.set_torch_seed(batch_seed):
             records = equilibrium_backward(
                 module,
                 [partial(shard_loss, model, n) for n in names],
@@ -390,7 +395,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
     def _validation_gap(self, shard, model, criterion):
         """The shard's record of validation_gap_steps inner steps (loss before and after) and its
         log at the shared weights; θ is left as found."""
-        module = getattr(model, "module", model)  # inner steps must not all-reduce
+        module = unwrap(model)  # inner steps must not all-reduce
         lr = self.cfg.validation_gap_lr if self.cfg.validation_gap_lr is not None else self.inner_lr
         logs = []
 
