@@ -427,7 +427,9 @@ def test_reduce_metrics_per_shard_means_in_bits(criterion):
         ({"a": ShardRecord(3.0, 2.7, 0.5), "b": ShardRecord(float("nan"), float("nan"), 0.5, dropped=True)},
          {"a": shard_output(6, 10, 16.0), "b": shard_output(9, 10, 1.0)}),
     ]
-    logs = [criterion.update_logging_output(names, records, outputs) for records, outputs in updates]
+    unreadable = [{}, {"a": 2}, {"b": 1}]  # clips whose audio could not be read, per update
+    logs = [criterion.update_logging_output(names, records, outputs, bad)
+            for (records, outputs), bad in zip(updates, unreadable)]
     agg = reduce(logs)
     values = agg.get_smoothed_values()
 
@@ -454,7 +456,8 @@ def test_reduce_metrics_per_shard_means_in_bits(criterion):
     assert agg["code_ppl_c"].avg == pytest.approx(6.0)
     assert values["dropped_a"] == 0 and values["dropped_b"] == 1 and values["dropped_c"] == 0
     assert values["dropped_d"] == 0
-    assert not any(k.endswith("_d") and not k.startswith("dropped") for k in values)
+    assert [values[f"unreadable_{n}"] for n in names] == [2, 1, 0, 0]
+    assert not any(k.endswith("_d") and not k.startswith(("dropped", "unreadable")) for k in values)
     # The overall losses: each update's weighted mean over its kept shards, then the update mean.
     update_after = [(1.5 + 2.0 + 3.0) / 3, (0.8 + 4.5) / 2, 2.7]
     update_before = [(2.0 + 3.0 + 4.0) / 3, (1.0 + 5.0) / 2, 3.0]

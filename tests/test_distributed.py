@@ -57,3 +57,22 @@ def test_two_workers_equal_one_process_over_the_same_batches(corpus, tmp_path, c
         assert half.returncode == 0, half.stdout[-4000:]
         c = parameters(tmp_path / "half")
         assert max((a[n].float() - c[n].float()).abs().max().item() for n in a) > 1e-5
+
+
+def test_resume_on_another_number_of_workers(corpus, tmp_path):
+    """2 workers save after one update; one process (with twice the update_freq, the same
+    effective batch) resumes from it and continues the update count, lr schedule and optimizer."""
+    save_dir = tmp_path / "run"
+    schedule = ["--disable-validation", "--lr-scheduler", "polynomial_decay", "--warmup-updates", "4",
+                "--total-num-update", "10"]
+    workers = fairseq_train_workers(corpus, save_dir, 2, *schedule, "--max-update", "1")
+    for rank, result in enumerate(workers):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+    resumed = fairseq_train(corpus, save_dir, *schedule, "--update-freq", "2", "--max-update", "2")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "(epoch 1 @ 1 updates)" in resumed.stdout
+    assert train_log_values(resumed.stdout, "num_updates") == [2.0]
+    assert train_log_values(resumed.stdout, "lr") == pytest.approx([2 * train_log_values(workers[0].stdout, "lr")[0]])
+    state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 2
+    assert state["last_optimizer_state"]["state"]  # Adam's moments came along

@@ -94,8 +94,10 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
             "_collapse_accuracy": self.collapse_accuracy,
         }
 
-    def update_logging_output(self, shard_names: List[str], records: dict, outputs: Dict[str, dict]) -> dict:
-        """One training update's flat, summable log: every shard's keys, zeros where it was absent."""
+    def update_logging_output(self, shard_names: List[str], records: dict, outputs: Dict[str, dict],
+                              unreadable: Optional[Dict[str, int]] = None) -> dict:
+        """One training update's flat, summable log: every shard's keys, zeros where it was absent;
+        ``unreadable``: clips per shard whose audio could not be read and were left out."""
         log = self._common(outputs)
         kept = {n: r for n, r in records.items() if not r.dropped}
         total_weight = sum(r.weight for r in kept.values()) or 1.0
@@ -107,11 +109,13 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
             log[f"_loss_before_{name}"] = record.loss_before if record is not None else 0.0
             log[f"_loss_after_{name}"] = record.loss_after if record is not None else 0.0
             log[f"dropped_{name}"] = 1.0 if name in records and records[name].dropped else 0.0
+            log[f"unreadable_{name}"] = float((unreadable or {}).get(name, 0))
             log.update(self._shard_stats(name, outputs[name]) if record is not None else self._shard_stats(name, {}))
         return log
 
     def validation_logging_output(self, shard_names: List[str], outputs: Dict[str, dict],
-                                  records: Optional[dict] = None) -> dict:
+                                  records: Optional[dict] = None,
+                                  unreadable: Optional[Dict[str, int]] = None) -> dict:
         """One validation batch's log: the loss at the shared weights per shard, and with
         ``records`` (task.validation_gap_steps > 0) the loss after the inner steps."""
         log = self._common(outputs)
@@ -120,6 +124,7 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
             output = outputs.get(name)
             log[f"_n_{name}"] = 1.0 if output is not None else 0.0
             log[f"_loss_before_{name}"] = output["normalised_loss"] if output is not None else 0.0
+            log[f"unreadable_{name}"] = float((unreadable or {}).get(name, 0))
             if records is not None:
                 record = records.get(name)
                 kept = record is not None and not record.dropped
@@ -156,8 +161,9 @@ class EquilibriumWav2vecCriterion(Wav2vecCriterion):
         shards = [k[len("_n_"):] for k in logging_outputs[0] if k.startswith("_n_")]
         for name in shards:
             n = total(f"_n_{name}")
-            if f"dropped_{name}" in logging_outputs[0]:
-                metrics.log_scalar_sum(f"dropped_{name}", total(f"dropped_{name}"))
+            for counted in ("dropped", "unreadable"):
+                if f"{counted}_{name}" in logging_outputs[0]:
+                    metrics.log_scalar_sum(f"{counted}_{name}", total(f"{counted}_{name}"))
             if n == 0:
                 continue
             before = total(f"_loss_before_{name}") / n / LN2

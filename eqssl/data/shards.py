@@ -22,6 +22,17 @@ from .manifests import DataError, check_audio, read_manifest
 
 logger = logging.getLogger(__name__)
 
+# What reading a clip raises when its file broke: fairseq's FileAudioDataset retries soundfile
+# three times, then raises a bare Exception("Failed to load PATH").
+UNREADABLE = (Exception,)
+
+
+def clip_path(dataset: FileAudioDataset, index: int) -> str:
+    """The audio file of clip ``index``, as FileAudioDataset finds it (names are stored compressed)."""
+    name = dataset.fnames[index]
+    name = name if isinstance(dataset.fnames, list) else name.as_py()
+    return os.path.join(dataset.root_dir, dataset.text_compressor.decompress(name))
+
 
 class ShardedAudioDataset(FairseqDataset):
     """Audio datasets of several shards behind one index space."""
@@ -46,20 +57,35 @@ class ShardedAudioDataset(FairseqDataset):
 
     def __getitem__(self, index: int) -> dict:
         shard, local = self.locate(index)
-        item = self.datasets[shard][local]
+        try:
+            item = self.datasets[shard][local]
+        except UNREADABLE as error:
+            # The manifests were checked at the start; a file that broke since (deleted, truncated
+            # on a failing disk) must not end a run of days: the clip is left out and counted.
+            path = clip_path(self.datasets[shard], local)
+            logger.warning("shard %s (%s): %s is unreadable now, left out (counted in unreadable_%s): %s",
+                           self.names[shard], self.split, path, self.names[shard], error)
+            return {"id": index, "shard": shard, "unreadable": True}
         item["shard"] = shard
         return item
 
     def collater(self, samples: List[dict]) -> dict:
         by_shard: Dict[int, List[dict]] = OrderedDict()
+        unreadable: Dict[str, int] = {}
         for item in samples:
+            if item.get("unreadable"):
+                name = self.names[item["shard"]]
+                unreadable[name] = unreadable.get(name, 0) + 1
+                continue
             by_shard.setdefault(item["shard"], []).append(item)
         batches = OrderedDict()
         for shard, items in sorted(by_shard.items()):
             batch = self.datasets[shard].collater(self._crop(shard, items))
             if batch:
                 batches[self.names[shard]] = batch
-        return {"shards": batches} if batches else {}
+        if not batches:
+            return {}
+        return {"shards": batches, "unreadable": unreadable} if unreadable else {"shards": batches}
 
     def _crop(self, shard: int, items: List[dict]) -> List[dict]:
         """Crop the clips as fairseq's collater would, but with a generator seeded by the batch.

@@ -20,6 +20,7 @@ from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrai
 from omegaconf import II, open_dict
 
 from ..bilevel import equilibrium_backward
+from ..checkpoints import check_checkpoint, repair_last_checkpoint
 from ..data import DataError, read_manifest, receptive_field
 from ..distributed import unwrap
 from ..data.shards import (
@@ -121,6 +122,10 @@ class EquilibriumPretrainingConfig(AudioPretrainingConfig):
     update_freq: List[int] = II("optimization.update_freq")
     outer_lr: List[float] = II("optimization.lr")
     world_size: int = II("distributed_training.distributed_world_size")
+    ddp_backend: str = II("distributed_training.ddp_backend")
+    save_dir: str = II("checkpoint.save_dir")
+    restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
 
 
 def _parse_shard_weights(text: str, shards: List[str]) -> Dict[str, float]:
@@ -164,6 +169,20 @@ def discover_shards(data: str, requested: str) -> List[str]:
     return names
 
 
+def _has_loss_scaler(optimizer) -> bool:
+    return getattr(optimizer, "scaler", None) is not None or getattr(optimizer, "_grad_scaler", None) is not None
+
+
+def _zero_if_not_finite(model: torch.nn.Module) -> bool:
+    """Zero every gradient if any is NaN or inf; whether it did (a float32 sum per gradient)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or bool(torch.isfinite(torch.stack([g.sum(dtype=torch.float32) for g in grads])).all()):
+        return False
+    for g in grads:
+        g.zero_()
+    return True
+
+
 def _loss_scale(optimizer) -> float:
     """The fp16/AMP loss scale the outer backward applies (1 in fp32/bf16)."""
     scaler = getattr(optimizer, "scaler", None)
@@ -205,12 +224,29 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 f"task.shards_per_update={cfg.shards_per_update} must be in [0, {len(self.shard_names)}]"
             )
         self.shard_weights = _parse_shard_weights(cfg.shard_weights, self.shard_names)
+        if check_data:
+            self._check_resume_checkpoint()
+        if check_data and cfg.world_size > 1 and cfg.ddp_backend in ("c10d", "pytorch_ddp"):
+            logger.warning(
+                "ddp_backend=%s: untested with eqssl, and a worker that leaves out the last shard of "
+                "an update (non-finite loss) skips the backward pass carrying the all-reduce, so the "
+                "others wait for it; legacy_ddp (the recipes' backend) has no such hazard", cfg.ddp_backend)
         self.inner_lr = cfg.inner_lr if cfg.inner_lr is not None else (
             PAPER_INNER_TO_OUTER_LR * float(cfg.outer_lr[0])
         )
         # Set by build_model: clips shorter than the feature encoder's receptive field give no frame.
         self.min_samples = max(cfg.min_sample_size or 0, 400)
         self._reported_skips = set()
+
+    def _check_resume_checkpoint(self) -> None:
+        """Before fairseq loads it: checkpoint_last repaired if a kill truncated it, and any other
+        unreadable checkpoint to resume from stopped with an error naming it."""
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return  # rank 0 alone reads (and repairs) the checkpoint, as fairseq loads it
+        if self.cfg.restore_file == "checkpoint_last.pt":
+            repair_last_checkpoint(self.cfg.save_dir, self.cfg.checkpoint_suffix or "")
+        elif os.path.isfile(self.cfg.restore_file):
+            check_checkpoint(self.cfg.restore_file)
 
     # ------------------------------------------------------------------ data
     def load_dataset(self, split: str, task_cfg=None, **kwargs) -> None:
@@ -376,7 +412,18 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                     "weights %s, inner losses %s); counted in dropped_%s",
                     update_num + 1, name, record.loss_before, record.inner_losses, name,
                 )
-        logging_output = criterion.update_logging_output(self.shard_names, dict(zip(names, records)), outputs)
+        # With a loss scaler (fp16) fairseq itself skips an update whose gradient overflowed and
+        # lowers the scale; otherwise it would stop the run with "gradients are Nan/Inf".
+        if not ignore_grad and not _has_loss_scaler(optimizer) and _zero_if_not_finite(module):
+            logger.warning(
+                "update %d: non-finite outer gradient from shards %s with finite losses: this worker's "
+                "gradient for the update is zeroed (with update_freq > 1, its earlier batches' too); "
+                "counted in dropped_<shard>", update_num + 1, ", ".join(names),
+            )
+            for record in records:
+                record.dropped = True
+        logging_output = criterion.update_logging_output(
+            self.shard_names, dict(zip(names, records)), outputs, sample.get("unreadable"))
         return torch.tensor(logging_output["loss"]), 1, logging_output
 
     def valid_step(self, sample, model, criterion):
@@ -389,7 +436,8 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             else:
                 with torch.no_grad():
                     outputs[name] = criterion.shard_loss(model, shard)[1]
-        logging_output = criterion.validation_logging_output(self.shard_names, outputs, records)
+        logging_output = criterion.validation_logging_output(self.shard_names, outputs, records,
+                                                             sample.get("unreadable"))
         return torch.tensor(logging_output["loss"]), 1, logging_output
 
     def _validation_gap(self, shard, model, criterion):
