@@ -1,11 +1,14 @@
 """The equilibrium update under fairseq's distributed training: 2 CPU workers (gloo) against one
-process over the same batches, for both DDP backends, update_freq, LayerDrop and a frozen
-feature encoder."""
+process over the same batches (legacy_ddp), update_freq, LayerDrop, a frozen feature encoder,
+different shards per worker, resuming on another number of workers."""
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 
 from conftest import fairseq_train, fairseq_train_workers, train_log_values
+from test_bad_input import clip_on_line, manifest_lines, rewrite_clip
 
 # SGD: its step is proportional to the gradient; Adam's first step, g/|g|, would magnify float
 # noise in gradients near zero into whole steps.
@@ -76,3 +79,27 @@ def test_resume_on_another_number_of_workers(corpus, tmp_path):
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 2
     assert state["last_optimizer_state"]["state"]  # Adam's moments came along
+
+
+def test_workers_holding_different_shards_one_dropping_its_own_do_not_hang(corpus_copy, tmp_path):
+    """Temperature sampling, one shard per update: the 2 workers mostly hold different shards,
+    and the one holding the all-NaN shard leaves it out of its update. Both finish (no hang:
+    legacy_ddp's all-reduce is one call per update whatever each worker did), the drops are
+    counted, and the parameters stay finite."""
+    manifest = corpus_copy / "noisy" / "train.tsv"
+    for line in range(2, len(manifest_lines(manifest)) + 1):
+        frames = soundfile.info(str(clip_on_line(corpus_copy, "noisy", "train", line))).frames
+        rewrite_clip(corpus_copy, "noisy", "train", line, np.full(frames, np.nan, dtype=np.float32),
+                     subtype="FLOAT")
+    workers = fairseq_train_workers(
+        corpus_copy, tmp_path / "run", 2, "--ddp-backend", "legacy_ddp", "--inner-steps", "1",
+        "--shard-sampling", "temperature", "--shards-per-update", "1", "--max-update", "4",
+        "--disable-validation", timeout=300)
+    for rank, result in enumerate(workers):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+    assert sum(train_log_values(workers[0].stdout, "dropped_noisy")) > 0
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 4
+    for name, tensor in state["model"].items():
+        if torch.is_floating_point(tensor):
+            assert torch.isfinite(tensor).all(), name
