@@ -57,15 +57,16 @@ def repair_last_checkpoint(save_dir: str, suffix: str = "") -> Optional[str]:
     ``….corrupt`` and replace it, atomically, with a copy of the newest readable checkpoint in
     ``save_dir``. Returns that checkpoint's path; None when there was nothing to repair."""
     last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
-    if not os.path.exists(last) or readable(last):
+    if not os.path.exists(last):
         return None
+    try:
+        check_checkpoint(last)
+        return None
+    except CheckpointError as error:
+        problem = str(error)
     candidates = [p for p in glob.glob(os.path.join(save_dir, f"checkpoint*{suffix}.pt")) if p != last]
     candidates.sort(key=os.path.getmtime, reverse=True)
     source = next((p for p in candidates if readable(p)), None)
-    try:
-        check_checkpoint(last)
-    except CheckpointError as error:
-        problem = str(error)
     if source is None:
         raise CheckpointError(f"{problem}; no readable checkpoint*.pt in {save_dir} to resume from instead")
     aside = last + ".corrupt"

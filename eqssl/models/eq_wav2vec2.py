@@ -23,6 +23,8 @@ from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from fairseq.utils import safe_getattr
 from omegaconf import open_dict
 
+from ..checkpoints import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 # Fields that fix the shape of the network (and so of the state dict). With init_from they are
@@ -36,10 +38,6 @@ ARCHITECTURE_FIELDS = (
     "depthwise_conv_kernel_size", "attn_type", "pos_enc_type", "adp_num", "adp_dim",
     "adp_act_fn", "adp_trf_idx",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with its path in the message."""
 
 
 @dataclass
