@@ -13,13 +13,26 @@ except ImportError:  # eqssl.bilevel alone works without fairseq
     pass
 else:
     import argparse
+    import collections
+    import typing
 
+    import omegaconf
     import torch
     from fairseq.data import Dictionary
+    from fairseq.distributed.utils import _TensorPlaceholder
 
     # torch >= 2.6 loads with weights_only=True, which fairseq's load_checkpoint_to_cpu does not
     # override: fine-tuned checkpoints pickle their target Dictionary (task_state), and old
-    # releases an argparse.Namespace. Both are plain data; allow exactly these two.
-    torch.serialization.add_safe_globals([Dictionary, argparse.Namespace])
+    # releases an argparse.Namespace. Resuming on several workers, fairseq's rank 0 loads the
+    # checkpoint and broadcasts it pickled (tensors sent apart), its config now an OmegaConf object; every other rank
+    # unpickles that with torch.load too. All of these are plain data; allow exactly them.
+    torch.serialization.add_safe_globals([
+        Dictionary, argparse.Namespace, collections.defaultdict, typing.Any,
+        int, float, bool, str, bytes, dict, list, tuple, type(None),
+        omegaconf.DictConfig, omegaconf.ListConfig, omegaconf.base.ContainerMetadata,
+        omegaconf.base.Metadata, omegaconf.nodes.AnyNode, omegaconf.nodes.StringNode,
+        omegaconf.nodes.IntegerNode, omegaconf.nodes.FloatNode, omegaconf.nodes.BooleanNode,
+        _TensorPlaceholder,  # where fairseq's broadcast takes the tensors out of the pickle
+    ])
 
     from . import criterions, models, tasks  # noqa: F401  (registers the plugins)

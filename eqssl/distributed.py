@@ -1,5 +1,7 @@
 """What the fairseq glue needs to know about fairseq's distributed wrappers."""
 
+from typing import Optional
+
 import torch
 from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
 from torch.nn.parallel import DistributedDataParallel
@@ -17,3 +19,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, WRAPPERS):
         model = model.module
     return model
+
+
+def torch_ddp(model: torch.nn.Module) -> Optional[DistributedDataParallel]:
+    """torch's DistributedDataParallel inside fairseq's wrappers (the c10d backend), else None."""
+    while isinstance(model, WRAPPERS):
+        if isinstance(model, DistributedDataParallel):
+            return model
+        model = model.module
+    return None

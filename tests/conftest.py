@@ -1,5 +1,6 @@
 """Shared fixtures: a small generated corpus and runners for fairseq's real command lines."""
 
+import json
 import os
 import shutil
 import socket
@@ -80,14 +81,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600) -> list:
+def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600, comm_log=None) -> list:
     """fairseq-train as ``workers`` CPU processes of one gloo job, launched the way fairseq reads
-    an explicit init method (torchrun's path needs CUDA in fairseq); returns each rank's output."""
+    an explicit init method (torchrun's path needs CUDA in fairseq); returns each rank's output.
+
+    With ``comm_log`` (a path) it runs as examples/fairseq_train_counting.py, which records each
+    update's all-reduces in ``comm_log.rank<R>`` and lets fairseq's c10d backend run on CPU."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    command = [str(BIN / "fairseq-train")]
+    if comm_log is not None:
+        command = [sys.executable, str(REPO / "examples" / "fairseq_train_counting.py")]
+        env["EQSSL_COMM_LOG"] = str(comm_log)
     address = f"tcp://localhost:{free_port()}"
     processes = [
         subprocess.Popen(
-            [str(BIN / "fairseq-train"), str(data), *TRAIN_FLAGS, "--save-dir", str(save_dir),
+            [*command, str(data), *TRAIN_FLAGS, "--save-dir", str(save_dir),
              "--distributed-world-size", str(workers), "--distributed-rank", str(rank),
              "--distributed-init-method", address, "--distributed-no-spawn", "--distributed-backend", "gloo",
              *map(str, extra)],
@@ -97,6 +105,8 @@ def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600) -> 
     ]
     try:
         outputs = [p.communicate(timeout=timeout)[0] for p in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{workers} workers did not finish in {timeout} s (a hang?)")
     finally:
         for p in processes:
             p.kill()
@@ -113,3 +123,9 @@ def train_log_values(output: str, key: str) -> list:
                 if name.split() and name.split()[-1] == key and value != "None":
                     values.append(float(value))
     return values
+
+
+def comm_records(comm_log, rank: int = 0) -> list:
+    """The per-update all-reduce records examples/fairseq_train_counting.py wrote for ``rank``."""
+    path = Path(f"{comm_log}.rank{rank}")
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -22,7 +22,7 @@ from omegaconf import II, open_dict
 from ..bilevel import equilibrium_backward
 from ..checkpoints import check_checkpoint, repair_last_checkpoint
 from ..data import DataError, read_manifest, receptive_field
-from ..distributed import unwrap
+from ..distributed import torch_ddp, unwrap
 from ..data.shards import (
     Batching,
     ShardedAudioDataset,
@@ -122,7 +122,6 @@ class EquilibriumPretrainingConfig(AudioPretrainingConfig):
     update_freq: List[int] = II("optimization.update_freq")
     outer_lr: List[float] = II("optimization.lr")
     world_size: int = II("distributed_training.distributed_world_size")
-    ddp_backend: str = II("distributed_training.ddp_backend")
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
@@ -226,11 +225,6 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
         self.shard_weights = _parse_shard_weights(cfg.shard_weights, self.shard_names)
         if check_data:
             self._check_resume_checkpoint()
-        if check_data and cfg.world_size > 1 and cfg.ddp_backend in ("c10d", "pytorch_ddp"):
-            logger.warning(
-                "ddp_backend=%s: untested with eqssl, and a worker that leaves out the last shard of "
-                "an update (non-finite loss) skips the backward pass carrying the all-reduce, so the "
-                "others wait for it; legacy_ddp (the recipes' backend) has no such hazard", cfg.ddp_backend)
         self.inner_lr = cfg.inner_lr if cfg.inner_lr is not None else (
             PAPER_INNER_TO_OUTER_LR * float(cfg.outer_lr[0])
         )
@@ -405,6 +399,9 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 outer_context=outer_context,
                 inner_loss_scale=_loss_scale(optimizer),
             )
+            ddp = torch_ddp(model)
+            if ddp is not None and ddp.require_backward_grad_sync and records[-1].dropped:
+                self._synchronising_pass(model, criterion, sample["shards"][names[-1]], optimizer, amp)
         for name, record in zip(names, records):
             if record.dropped:
                 logger.warning(
@@ -425,6 +422,20 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
         logging_output = criterion.update_logging_output(
             self.shard_names, dict(zip(names, records)), outputs, sample.get("unreadable"))
         return torch.tensor(logging_output["loss"]), 1, logging_output
+
+    def _synchronising_pass(self, model, criterion, shard, optimizer, amp: bool) -> None:
+        """A forward and backward through torch's DDP that adds nothing to the gradient.
+
+        Under c10d the gradient all-reduce rides on the backward pass of the update's last shard
+        (the others run under no_sync). Had this worker left that shard out and skipped it, the
+        workers' all-reduces would no longer pair up (a hang, or gloo's error); this pass takes
+        its place. It runs on noise shaped like the shard's batch: the batch itself gave a
+        non-finite loss, and 0 x NaN is NaN.
+        """
+        net_input = dict(shard["net_input"], source=0.1 * torch.randn_like(shard["net_input"]["source"]))
+        with torch.autocast(device_type="cuda", enabled=amp):
+            loss, _ = criterion.shard_loss(model, dict(shard, net_input=net_input))
+        optimizer.backward(loss * 0.0)
 
     def valid_step(self, sample, model, criterion):
         model.eval()
