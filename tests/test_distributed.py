@@ -109,8 +109,10 @@ def test_resume_on_another_number_of_workers(corpus, tmp_path, layout):
     assert state["last_optimizer_state"]["state"]  # Adam's moments came along
 
 
-@pytest.mark.parametrize("backend", ["legacy_ddp", "c10d"])
-def test_workers_holding_different_shards_one_dropping_its_own_do_not_hang(corpus_copy, tmp_path, backend):
+# K=0 drops the NaN shard after its outer forward through DDP (a non-finite loss), K=1 before it.
+@pytest.mark.parametrize("backend,inner_steps", [("legacy_ddp", 1), ("c10d", 1), ("c10d", 0)])
+def test_workers_holding_different_shards_one_dropping_its_own_do_not_hang(corpus_copy, tmp_path, backend,
+                                                                           inner_steps):
     """Temperature sampling, one shard per update: the 2 workers mostly hold different shards,
     and the one holding the all-NaN shard leaves it out of its update. Both finish, the drops
     are counted, and the parameters stay finite. No hang: legacy_ddp's all-reduce is one call
@@ -123,7 +125,7 @@ def test_workers_holding_different_shards_one_dropping_its_own_do_not_hang(corpu
                      subtype="FLOAT")
     comm_log = tmp_path / "comm.jsonl"
     workers = fairseq_train_workers(
-        corpus_copy, tmp_path / "run", 2, "--ddp-backend", backend, "--inner-steps", "1",
+        corpus_copy, tmp_path / "run", 2, "--ddp-backend", backend, "--inner-steps", inner_steps,
         "--shard-sampling", "temperature", "--shards-per-update", "1", "--max-update", "4",
         "--disable-validation", timeout=180, comm_log=comm_log)
     for rank, result in enumerate(workers):
