@@ -168,8 +168,6 @@ def discover_shards(data: str, requested: str) -> List[str]:
     return names
 
 
-def _has_loss_scaler(optimizer) -> bool:
-    return getattr(optimizer, "scaler", None) is not None or getattr(optimizer, "_grad_scaler", None) is not None
 
 
 def _zero_if_not_finite(model: torch.nn.Module) -> bool:
@@ -182,15 +180,18 @@ def _zero_if_not_finite(model: torch.nn.Module) -> bool:
     return True
 
 
+def _loss_scaler(optimizer):
+    """fairseq's fp16 loss scaler (``scaler``) or AMP's ``torch.amp.GradScaler``; None in fp32/bf16."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None else getattr(optimizer, "_grad_scaler", None)
+
+
 def _loss_scale(optimizer) -> float:
     """The fp16/AMP loss scale the outer backward applies (1 in fp32/bf16)."""
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is not None and hasattr(scaler, "loss_scale"):
-        return float(scaler.loss_scale)
-    grad_scaler = getattr(optimizer, "_grad_scaler", None)
-    if grad_scaler is not None:
-        return float(grad_scaler.get_scale())
-    return 1.0
+    scaler = _loss_scaler(optimizer)
+    if scaler is None:
+        return 1.0
+    return float(scaler.loss_scale if hasattr(scaler, "loss_scale") else scaler.get_scale())
 
 
 @register_task("equilibrium_pretraining", dataclass=EquilibriumPretrainingConfig)
@@ -411,7 +412,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 )
         # With a loss scaler (fp16) fairseq itself skips an update whose gradient overflowed and
         # lowers the scale; otherwise it would stop the run with "gradients are Nan/Inf".
-        if not ignore_grad and not _has_loss_scaler(optimizer) and _zero_if_not_finite(module):
+        if not ignore_grad and _loss_scaler(optimizer) is None and _zero_if_not_finite(module):
             logger.warning(
                 "update %d: non-finite outer gradient from shards %s with finite losses: this worker's "
                 "gradient for the update is zeroed (with update_freq > 1, its earlier batches' too); "
