@@ -24,8 +24,9 @@ else:
     # torch >= 2.6 loads with weights_only=True, which fairseq's load_checkpoint_to_cpu does not
     # override: fine-tuned checkpoints pickle their target Dictionary (task_state), and old
     # releases an argparse.Namespace. Resuming on several workers, fairseq's rank 0 loads the
-    # checkpoint and broadcasts it pickled (tensors sent apart), its config now an OmegaConf object; every other rank
-    # unpickles that with torch.load too. All of these are plain data; allow exactly them.
+    # checkpoint and broadcasts it pickled (tensors sent apart), its config now an OmegaConf
+    # object, and every other rank unpickles it with torch.load too. All of these are plain
+    # data; allow exactly them.
     torch.serialization.add_safe_globals([
         Dictionary, argparse.Namespace, collections.defaultdict, typing.Any,
         int, float, bool, str, bytes, dict, list, tuple, type(None),

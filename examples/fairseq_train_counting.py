@@ -6,8 +6,8 @@ Each rank appends one JSON line per update to ``comm.jsonl.rank<R>``: the all-re
 bytes of the gradient (``grad_calls``, ``grad_bytes``: c10d's bucket all-reduces, or
 ``legacy_ddp``'s explicit one) and of everything else fairseq syncs in the update (logging
 statistics: ``other_calls``, ``other_bytes``), the trainable parameters' bytes and the rank's
-peak RSS so far. Without
-EQSSL_COMM_LOG it is plain ``fairseq-train``, save for the CPU change below.
+peak RSS so far. Without EQSSL_COMM_LOG it is plain ``fairseq-train``, save for the CPU change
+below.
 
 fairseq always builds torch's DistributedDataParallel with ``device_ids=[device_id]``, which
 torch refuses for a CPU module; here those two arguments are left out for CPU modules, so that

@@ -168,8 +168,6 @@ def discover_shards(data: str, requested: str) -> List[str]:
     return names
 
 
-
-
 def _zero_if_not_finite(model: torch.nn.Module) -> bool:
     """Zero every gradient if any is NaN or inf; whether it did (a float32 sum per gradient)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
