@@ -34,12 +34,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(args, arch: str, backend: str, inner_steps: int, out: str) -> list:
+def run_job(args, corpus: str, arch: str, backend: str, inner_steps: int, out: str) -> list:
     """One job of args.workers processes; each rank's per-update records."""
     import eqssl
 
     flags = [
-        make_shards(args.workdir, args.shards), "--user-dir", os.path.dirname(eqssl.__file__),
+        corpus, "--user-dir", os.path.dirname(eqssl.__file__),
         "--task", "equilibrium_pretraining", "--criterion", "equilibrium_wav2vec", "--arch", arch, "--cpu",
         "--seed", "1", "--max-tokens", str(args.max_tokens), "--max-sample-size", str(args.max_tokens // 2),
         "--min-sample-size", "8000", "--required-batch-size-multiple", "1", "--optimizer", "adam",
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "eqssl_bench"))
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    make_shards(args.workdir, args.shards)
+    corpus = make_shards(args.workdir, args.shards)
 
     print(f"{args.workers} CPU workers (gloo), {args.shards} shards, {args.updates} updates; per worker and update:")
     print("| model | K | backend | grad all-reduce calls | grad payload (MB) | / trainable parameter bytes "
@@ -88,7 +88,7 @@ def main() -> None:
         for backend in args.backends:
             for inner_steps in args.inner_steps:
                 with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-                    ranks = run_job(args, arch, backend, inner_steps, os.path.join(tmp, "comm.jsonl"))
+                    ranks = run_job(args, corpus, arch, backend, inner_steps, os.path.join(tmp, "comm.jsonl"))
                 records = [r for rank in ranks for r in rank]
                 parameter_bytes = records[0]["parameter_bytes"]
                 calls = sorted({r["grad_calls"] for r in records})

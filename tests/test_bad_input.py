@@ -59,6 +59,14 @@ def rewrite_clip(data: Path, shard: str, split: str, line: int, audio: np.ndarra
     return path
 
 
+def fill_shard_with_nan(data: Path, shard: str, split: str = "train") -> None:
+    """Overwrite every clip of ``<shard>/<split>.tsv`` with NaN samples of its own length."""
+    manifest = data / shard / f"{split}.tsv"
+    for line in range(2, len(manifest_lines(manifest)) + 1):
+        frames = soundfile.info(str(clip_on_line(data, shard, split, line))).frames
+        rewrite_clip(data, shard, split, line, np.full(frames, np.nan, dtype=np.float32), subtype="FLOAT")
+
+
 def tone(n_samples: int) -> np.ndarray:
     return (0.3 * np.sin(np.arange(n_samples) * 2 * np.pi * 220 / SAMPLE_RATE)).astype(np.float32)
 
@@ -248,11 +256,7 @@ def test_shard_of_only_short_clips_stops_before_training(corpus_copy, tmp_path, 
 
 def test_non_finite_inner_loss_never_reaches_the_parameters(corpus_copy, tmp_path):
     """A shard whose loss is NaN is left out of each update with a counted warning; weights stay finite."""
-    manifest = corpus_copy / "noisy" / "train.tsv"
-    for line in range(2, len(manifest_lines(manifest)) + 1):
-        frames = soundfile.info(str(clip_on_line(corpus_copy, "noisy", "train", line))).frames
-        rewrite_clip(corpus_copy, "noisy", "train", line, np.full(frames, np.nan, dtype=np.float32),
-                     subtype="FLOAT")
+    fill_shard_with_nan(corpus_copy, "noisy")
     save_dir = tmp_path / "checkpoints"
     result = fairseq_train(corpus_copy, save_dir, "--inner-steps", "1", "--max-update", "3")
     out = result.stdout

@@ -3,13 +3,11 @@ process over the same batches, with fairseq's legacy_ddp and c10d (torch's DDP) 
 update_freq, LayerDrop, a frozen feature encoder, different shards per worker, resuming on
 another number of workers; and what each update all-reduces."""
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from conftest import comm_records, fairseq_train, fairseq_train_workers, train_log_values
-from test_bad_input import clip_on_line, manifest_lines, rewrite_clip
+from test_bad_input import fill_shard_with_nan
 
 # SGD: its step is proportional to the gradient; Adam's first step, g/|g|, would magnify float
 # noise in gradients near zero into whole steps.
@@ -118,11 +116,7 @@ def test_workers_holding_different_shards_one_dropping_its_own_do_not_hang(corpu
     are counted, and the parameters stay finite. No hang: legacy_ddp's all-reduce is one call
     per update whatever each worker did; under c10d it rides on the backward of the update's
     last shard, which the dropping worker replaces by a pass that adds nothing."""
-    manifest = corpus_copy / "noisy" / "train.tsv"
-    for line in range(2, len(manifest_lines(manifest)) + 1):
-        frames = soundfile.info(str(clip_on_line(corpus_copy, "noisy", "train", line))).frames
-        rewrite_clip(corpus_copy, "noisy", "train", line, np.full(frames, np.nan, dtype=np.float32),
-                     subtype="FLOAT")
+    fill_shard_with_nan(corpus_copy, "noisy")
     comm_log = tmp_path / "comm.jsonl"
     workers = fairseq_train_workers(
         corpus_copy, tmp_path / "run", 2, "--ddp-backend", backend, "--inner-steps", inner_steps,

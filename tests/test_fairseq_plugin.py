@@ -13,6 +13,8 @@ from fairseq.data import data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
 
+from eqssl.tasks.equilibrium_pretraining import batch_seed
+
 from conftest import REPO, TRAIN_FLAGS, fairseq_train, run, train_log_values
 
 SHARDS = ["noisy", "read", "telephone"]
@@ -107,8 +109,8 @@ def reference_update(cfg, task, trained_model, sample, inner_steps: int, inner_l
     total = [torch.zeros_like(p) for p in params]
     shards = list(sample["shards"].values())
     # What the task does: numpy and torch seeded from (seed, update, first clip of the batch).
-    batch_seed = int(hash((cfg.common.seed, 0, int(shards[0]["id"][0]))) % 1e6)
-    with data_utils.numpy_seed(batch_seed), utils.set_torch_seed(batch_seed):
+    seed = batch_seed(cfg.common.seed, 0, int(shards[0]["id"][0]))
+    with data_utils.numpy_seed(seed), utils.set_torch_seed(seed):
         for batch in shards:
             state = (torch.get_rng_state(), np.random.get_state())
 

@@ -168,6 +168,11 @@ def discover_shards(data: str, requested: str) -> List[str]:
     return names
 
 
+def batch_seed(seed: int, update: int, first_id: int) -> int:
+    """The seed of numpy and torch for one batch of one update (as fairseq's numpy_seed hashes)."""
+    return int(hash((seed, update, first_id)) % 1e6)
+
+
 def _zero_if_not_finite(model: torch.nn.Module) -> bool:
     """Zero every gradient if any is NaN or inf; whether it did (a float32 sum per gradient)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -384,9 +389,8 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
         # from the update and the batch (fairseq seeds torch per update only, numpy never) makes a
         # resumed run repeat an uninterrupted one, and makes a batch's update the same whichever
         # worker or update_freq slot computes it: N workers equal one process with N x update_freq.
-        first_id = int(next(iter(sample["shards"].values()))["id"][0])
-        batch_seed = int(hash((self.cfg.seed, update_num, first_id)) % 1e6)  # as fairseq's numpy_seed
-        with data_utils.numpy_seed(batch_seed), utils.set_torch_seed(batch_seed):
+        seed = batch_seed(self.cfg.seed, update_num, int(next(iter(sample["shards"].values()))["id"][0]))
+        with data_utils.numpy_seed(seed), utils.set_torch_seed(seed):
             records = equilibrium_backward(
                 module,
                 [partial(shard_loss, model, n) for n in names],
