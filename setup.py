@@ -39,6 +39,7 @@ setup(
             "eqssl-import=eqssl.corpus.import_cli:main",
             "eqssl-train-spm=eqssl.spm:main",
             "eqssl-evaluate=eqssl.evaluate:main",
+            "eqssl-probe=eqssl.probe:main",
             "eqssl-export=eqssl.export:main",
             "eqssl-reproduce=eqssl.reproduce:main",
         ]

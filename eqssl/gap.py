@@ -19,14 +19,12 @@ from typing import Dict, List
 import numpy as np
 import torch
 from fairseq.data import data_utils
-from fairseq.dataclass.utils import merge_with_parent
-from omegaconf import OmegaConf
 
 from .bilevel import equilibrium_backward
 from .criterions.equilibrium_wav2vec import LN2, EquilibriumWav2vecCriterion
 from .data import receptive_field
 from .data.shards import Batching, load_shards, validation_batches
-from .models.eq_wav2vec2 import EqWav2Vec2Config, EqWav2Vec2Model, load_pretraining_checkpoint
+from .models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint
 from .tasks.equilibrium_pretraining import discover_shards
 
 logger = logging.getLogger("eqssl.gap")
@@ -35,10 +33,7 @@ logger = logging.getLogger("eqssl.gap")
 def load_model(path: str) -> tuple:
     """The network of a wav2vec 2.0 pre-training checkpoint, and the checkpoint's config."""
     state = load_pretraining_checkpoint(path)
-    model_cfg = OmegaConf.create(dict(state["cfg"]["model"]))
-    model_cfg.init_from = None
-    model_cfg._name = "eq_wav2vec2"
-    model = EqWav2Vec2Model.build_model(merge_with_parent(EqWav2Vec2Config(), model_cfg))
+    model = build_from_checkpoint_config(state)
     model.load_state_dict(state["model"], strict=True)
     return model, state["cfg"]
 

@@ -80,6 +80,36 @@ def load_pretraining_checkpoint(path: str) -> dict:
     return state
 
 
+def build_from_checkpoint_config(state: dict) -> "EqWav2Vec2Model":
+    """A freshly initialised network of the architecture a pre-training checkpoint records."""
+    from omegaconf import OmegaConf
+
+    model_cfg = OmegaConf.create(dict(state["cfg"]["model"]))
+    model_cfg.init_from = None
+    model_cfg._name = "eq_wav2vec2"
+    return EqWav2Vec2Model.build_model(merge_with_parent(EqWav2Vec2Config(), model_cfg))
+
+
+def save_random_init(source: str, out: str, seed: int) -> str:
+    """The no-pre-training control: a checkpoint with source's architecture and config but freshly
+    initialised weights (torch seed ``seed``), with no optimizer state and 0 updates. It fine-tunes
+    and probes like any pre-training checkpoint. Refuses to overwrite ``out``."""
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} exists; not overwritten")
+    state = load_pretraining_checkpoint(source)
+    torch.manual_seed(seed)
+    model = build_from_checkpoint_config(state)
+    history = dict(state["optimizer_history"][-1], num_updates=0)
+    history.pop("optimizer", None)
+    control = {"cfg": state["cfg"], "model": model.state_dict(), "optimizer_history": [history],
+               "extra_state": {"eqssl_random_init": {"architecture_from": os.path.abspath(source), "seed": seed}},
+               "last_optimizer_state": None}
+    tmp = out + ".tmp"
+    torch.save(control, tmp)
+    os.replace(tmp, out)
+    return out
+
+
 @register_model("eq_wav2vec2", dataclass=EqWav2Vec2Config)
 class EqWav2Vec2Model(Wav2Vec2Model):
     """fairseq's wav2vec 2.0; see the module docstring."""

@@ -1,0 +1,232 @@
+"""Frozen-upstream probe: how much of a labelled set a pre-trained encoder's features already
+spell, with the encoder frozen (SUPERB's ASR protocol; the paper's "one linear layer + CTC").
+
+    eqssl-probe CHECKPOINT|fbank FOLDER [--train-split train_1h] [--test-split test]
+        [--head linear|bilstm] [--updates 1500] [--seed 1] [--cache DIR] [--json OUT.json]
+
+The upstream is a wav2vec 2.0 pre-training checkpoint (eqssl's or stock fairseq's), or ``fbank``:
+80 log-mel filterbanks per 10 ms, normalised per utterance (SUPERB's FBANK floor). Its features
+(every transformer layer's output, in eval mode, no masking) are computed once per checkpoint,
+set and split and cached as ``CACHE/<checkpoint SHA-256>/<set folder hash>/<split>.pt``: a probe
+of the same checkpoint reuses them, and a changed checkpoint has another SHA-256, so its stale
+features are never read. The encoder itself is never trained or written.
+
+The probe: a learnable softmax-weighted sum of the layers, then a CTC head (``linear``: one linear
+layer, as the paper; ``bilstm``: SUPERB's ASR downstream in small, a 2-layer BiLSTM then a linear
+layer) over the set's letter dictionary (``dict.ltr.txt``; CTC blank = fairseq's ``<s>``),
+trained with Adam for a fixed number of updates on the train split, then greedy-CTC WER / CER on
+the test split, scored exactly as ``eqssl-evaluate`` scores fine-tuned models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+FBANK = "fbank"
+
+
+@dataclass
+class ProbeConfig:
+    head: str = "linear"
+    """'linear' (the paper's one linear layer + CTC) or 'bilstm' (SUPERB's ASR downstream, small)."""
+    hidden: int = 128
+    """BiLSTM units per direction (bilstm head only)."""
+    updates: int = 1500
+    """Adam updates; fixed, the same for every upstream."""
+    batch_size: int = 16
+    """Clips per update."""
+    lr: float = 2e-3
+    seed: int = 1
+    train_split: str = "train_1h"
+    test_split: str = "test"
+
+
+# ------------------------------------------------------------------ upstream features
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Upstream:
+    """A frozen feature extractor: fbank, or a wav2vec 2.0 pre-training checkpoint's layers."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        if source == FBANK:
+            self.key, self.model, self.normalize = FBANK, None, False
+            return
+        from .gap import load_model
+
+        self.key = file_sha256(source)
+        self.model, cfg = load_model(source)
+        self.model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.normalize = bool(cfg["task"].get("normalize", False))
+
+    @torch.no_grad()
+    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
+        """(layers, frames, dim) features of one mono 16 kHz clip."""
+        if self.model is None:
+            import torchaudio
+
+            fbank = torchaudio.compliance.kaldi.fbank(wav.unsqueeze(0) * 32768, num_mel_bins=80,
+                                                      sample_frequency=16000, dither=0.0)
+            fbank = (fbank - fbank.mean(0)) / (fbank.std(0) + 1e-5)
+            return fbank.unsqueeze(0)
+        if self.normalize:
+            wav = F.layer_norm(wav, wav.shape)
+        out = self.model.extract_features(wav.unsqueeze(0), padding_mask=None, mask=False)
+        return torch.stack([x.squeeze(1) for x, *_ in out["layer_results"]])
+
+
+def cached_features(upstream: Upstream, folder: str, split: str, cache: str, audio: List[str]) -> List[torch.Tensor]:
+    """Per clip (layers, frames, dim) float16 features: from the cache, else computed and cached."""
+    from .evaluate import read_audio
+
+    folder_key = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:16]
+    path = os.path.join(cache, upstream.key, folder_key, f"{split}.pt")
+    if os.path.exists(path):
+        stored = torch.load(path)
+        if stored["audio"] == audio:
+            return stored["features"]
+    features = [upstream(read_audio(a, 16000, upstream.normalize)).to(torch.float16) for a in audio]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save({"source": upstream.source, "audio": audio, "features": features}, tmp)
+    os.replace(tmp, path)  # whole or absent
+    return features
+
+
+# ------------------------------------------------------------------ the probe
+class ProbeHead(torch.nn.Module):
+    """Softmax-weighted sum of the upstream's layers, then a CTC head."""
+
+    def __init__(self, layers: int, dim: int, letters: int, head: str, hidden: int) -> None:
+        super().__init__()
+        self.layer_weights = torch.nn.Parameter(torch.zeros(layers))
+        self.norm = torch.nn.LayerNorm(dim)
+        self.lstm = torch.nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True) \
+            if head == "bilstm" else None
+        self.output = torch.nn.Linear(2 * hidden if self.lstm is not None else dim, letters)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(batch, layers, frames, dim) -> (batch, frames, letters) log-probabilities."""
+        weights = torch.softmax(self.layer_weights, 0)
+        x = self.norm((features * weights[None, :, None, None]).sum(1))
+        if self.lstm is not None:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            x, _ = self.lstm(packed)
+            x, _ = torch.nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=features.size(2))
+        return torch.log_softmax(self.output(x), dim=-1)
+
+
+def _pad(features: List[torch.Tensor]) -> tuple:
+    lengths = torch.tensor([f.size(1) for f in features])
+    batch = torch.zeros(len(features), features[0].size(0), int(lengths.max()), features[0].size(2))
+    for i, f in enumerate(features):
+        batch[i, :, : f.size(1)] = f.float()
+    return batch, lengths
+
+
+def letters_of(words: str, dictionary) -> List[int]:
+    """fairseq's .ltr spelling of a transcript (letters, '|' after every word) as indices."""
+    return [dictionary.index(s) for s in list("|".join(words.split())) + ["|"]]
+
+
+def probe(upstream_source: str, folder: str, cfg: ProbeConfig, cache: str, name: str = "set",
+          upstream: Optional[Upstream] = None) -> dict:
+    """Train the probe on FOLDER's train split and score its test split; returns WER, CER and more."""
+    from fairseq.data import Dictionary
+
+    from .evaluate import greedy_decode, load_test_set, score
+
+    dictionary = Dictionary.load(os.path.join(folder, "dict.ltr.txt"))
+    train_set = load_test_set(name, folder, cfg.train_split, dictionary)
+    test_set = load_test_set(name, folder, cfg.test_split, dictionary)
+    upstream = upstream or Upstream(upstream_source)
+    train_x = cached_features(upstream, folder, cfg.train_split, cache, train_set.audio)
+    test_x = cached_features(upstream, folder, cfg.test_split, cache, test_set.audio)
+    targets = [torch.tensor(letters_of(r, dictionary)) for r in train_set.references]
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    head = ProbeHead(train_x[0].size(0), train_x[0].size(2), len(dictionary), cfg.head, cfg.hidden)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    warmup = max(1, cfg.updates // 10)  # linear warm-up over a tenth of the updates, then linear decay
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (cfg.updates - step) / max(1, cfg.updates - warmup))))
+    blank = dictionary.bos()
+    losses = []
+    for _ in range(cfg.updates):
+        chosen = torch.randperm(len(train_x), generator=generator)[: cfg.batch_size].tolist()
+        x, lengths = _pad([train_x[i] for i in chosen])
+        y = [targets[i] for i in chosen]
+        log_probs = head(x, lengths)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(y), lengths, torch.tensor([len(t) for t in y]),
+                          blank=blank, zero_infinity=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    head.eval()
+    hypotheses = []
+    with torch.no_grad():
+        for i in range(0, len(test_x), 32):
+            x, lengths = _pad(test_x[i: i + 32])
+            hypotheses += greedy_decode(head(x, lengths), dictionary, lengths.tolist(), progress=False)
+    result = score(test_set.references, hypotheses)
+    tail = losses[-max(1, cfg.updates // 10):]
+    result.update(upstream=upstream_source, upstream_sha256=upstream.key, config=asdict(cfg),
+                  final_train_loss=sum(tail) / len(tail), layer_weights=torch.softmax(head.layer_weights, 0).tolist(),
+                  examples=[{"reference": r, "hypothesis": h} for r, h in zip(test_set.references[:3], hypotheses[:3])])
+    result["head_state"] = head.state_dict()
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="eqssl-probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("upstream", help="a wav2vec 2.0 pre-training checkpoint, or 'fbank'")
+    parser.add_argument("folder", help="a labelled set: SPLIT.tsv, SPLIT.wrd/.ltr, dict.ltr.txt")
+    defaults = ProbeConfig()
+    for key, value in asdict(defaults).items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "eqssl", "features"))
+    parser.add_argument("--json", help="write the result here (never overwritten)")
+    args = parser.parse_args(argv)
+    cfg = ProbeConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    if cfg.head not in ("linear", "bilstm"):
+        raise SystemExit(f"eqssl-probe: --head {cfg.head}: expected linear or bilstm")
+    if args.json and os.path.exists(args.json):
+        raise SystemExit(f"eqssl-probe: {args.json} exists; not overwritten")
+    from .evaluate import EvaluationError
+
+    try:
+        result = probe(args.upstream, args.folder, cfg, args.cache)
+    except EvaluationError as error:
+        raise SystemExit(f"eqssl-probe: {error}")
+    result.pop("head_state")
+    print(f"{args.upstream} on {args.folder}:{cfg.test_split}: WER {100 * result['wer']:.1f} "
+          f"CER {100 * result['cer']:.1f} (probe: {cfg.head}, {cfg.updates} updates)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
