@@ -4,19 +4,26 @@
 
 For each preset: the built-in corpus; then for each seed, stage by stage:
 
-1. ``cssl.1``: CSSL from scratch until the validation loss stops improving (fairseq's
-   ``checkpoint.patience``), capped at ``cssl1.max_update``; its best checkpoint starts the rest;
+1. ``cssl.1``: CSSL from scratch for a fixed budget of ``cssl1.max_update`` updates; its last
+   checkpoint starts the rest (no patience rule: wav2vec 2.0 first sits on a plateau at chance
+   where the loss barely moves, and patience counted on that loss ended runs before they learned);
+   ``none``, the no-pre-training control: CSSL.1's architecture with fresh random weights;
 2. from CSSL.1, for every K in ``inner_steps``: ``ptloc.1.kK`` (PTLOC, ``ptloc.max_update``
    updates) and ``cssl.1+Nx``, CSSL continued for N = K+1 times as many updates at the same lr
    and schedule shape, i.e. as many forward/backward passes per shard as PTLOC spent;
    multilingual only: ``cssl.1-temp``, CSSL from scratch with XLS-R-style language sampling;
 3. the alternating rounds ``cssl.r`` -> ``ptloc.r`` (r >= 2), each from the previous one;
 4. ``eqssl-gap`` on every pre-trained checkpoint;
-5. CTC fine-tuning of every checkpoint on every fine-tuning set (same recipe, budget, updates and
+5. the frozen-upstream probe (``eqssl-probe``) of every checkpoint and of FBANK features on every
+   fine-tuning set: encoder frozen, a weighted sum of its layers and a CTC head trained on the
+   set's labels (features cached per checkpoint SHA-256 under OUT/PRESET/features);
+6. CTC fine-tuning of every checkpoint on every fine-tuning set (same recipe, budget, updates and
    seed), then greedy-CTC WER / CER on its test split.
 
-Then ``results.json`` and ``results.md`` under OUT: rows are checkpoints, columns the
-fine-tuning sets (seen / unseen in pre-training), cells mean ± standard deviation over seeds.
+Then ``results.json`` and ``results.md`` under OUT: per measure (probe, fine-tuning) rows are
+checkpoints, columns the fine-tuning sets (seen / unseen in pre-training), cells mean ± standard
+deviation over seeds, with the minimum difference the seed spread lets the experiment detect;
+and each pre-training run's validation accuracy per shard against chance.
 A stage that finished leaves ``eqssl_stage.json`` (its checkpoint's SHA-256) and is skipped on
 a rerun if that still verifies; an interrupted fairseq run is resumed from its checkpoint_last.pt.
 The settings of each size are YAML files in ``recipes/reproduce``.
@@ -44,6 +51,8 @@ from .corpus.presets import PRESETS
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 MARKER = "eqssl_stage.json"
+CONTROL, CONTROL_LABEL = "none", "No pre-training (random init)"
+FBANK_LABEL = "FBANK (probe only)"
 
 
 class ReproduceError(RuntimeError):
@@ -65,7 +74,7 @@ class PretrainRun:
     init_from: Optional[str] = None
     """Name of the run whose checkpoint starts this one (None: from scratch)."""
     checkpoint: str = "checkpoint_last.pt"
-    """Which of the run's checkpoints is its result: the best one for patience-stopped runs."""
+    """Which of the run's checkpoints is its result."""
     matched_to: Optional[str] = None
     """For a compute-matched baseline: the PTLOC run whose passes it matches."""
 
@@ -84,6 +93,11 @@ def load_settings(size_or_path: str) -> dict:
     missing = [k for k in required if k not in settings]
     if missing:
         raise ReproduceError(f"{path}: missing field(s) {', '.join(missing)}")
+    if "patience" in settings["cssl1"]:
+        raise ReproduceError(
+            f"{path}: cssl1.patience is no longer read: CSSL.1 runs a fixed budget of cssl1.max_update "
+            "updates (patience on a loss that barely moves on wav2vec 2.0's early plateau stopped runs "
+            "at chance); remove the field")
     settings["path"] = os.path.abspath(path)
     return settings
 
@@ -96,23 +110,24 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
               f"dataset.validate_interval_updates={interval}", f"checkpoint.save_interval_updates={interval}",
               "common.log_interval=10", *settings.get("pretrain_overrides", [])]
     first = settings["inner_steps"][0]
+    continued = common + settings.get("continued_overrides", [])  # every run that starts from another
 
     def ptloc_run(name: str, label: str, k: int, init: str) -> PretrainRun:
-        return PretrainRun(name, label, f"ptloc_{model}", common + [
+        return PretrainRun(name, label, f"ptloc_{model}", continued + [
             f"++task.inner_steps={k}", f"++task.inner_lr={ptloc['inner_lr']}", f"optimization.lr=[{ptloc['lr']}]",
             f"optimization.max_update={ptloc['max_update']}", f"lr_scheduler.warmup_updates={ptloc['warmup_updates']}",
         ], init_from=init)
 
     cssl1 = settings["cssl1"]
-    patience = [f"checkpoint.patience={cssl1['patience']}",
-                f"dataset.validate_interval_updates={cssl1['validate_interval_updates']}",
-                f"checkpoint.save_interval_updates={cssl1['validate_interval_updates']}"]
-    runs = [PretrainRun("cssl.1", "CSSL.1", f"cssl_{model}", common + patience + [
-        f"optimization.max_update={cssl1['max_update']}"], checkpoint="checkpoint_best.pt")]
+    budget = [f"dataset.validate_interval_updates={cssl1['validate_interval_updates']}",
+              f"checkpoint.save_interval_updates={cssl1['validate_interval_updates']}",
+              *cssl1.get("overrides", [])]
+    runs = [PretrainRun("cssl.1", "CSSL.1", f"cssl_{model}", common + budget + [
+        f"optimization.max_update={cssl1['max_update']}"])]
     for k in settings["inner_steps"]:
         runs.append(ptloc_run(f"ptloc.1.k{k}", f"PTLOC.1 K={k}", k, "cssl.1"))
         runs.append(PretrainRun(
-            f"cssl.1+{k + 1}x", f"CSSL.1 +{k + 1}x updates (matched to PTLOC.1 K={k})", f"cssl_{model}", common + [
+            f"cssl.1+{k + 1}x", f"CSSL.1 +{k + 1}x updates (matched to PTLOC.1 K={k})", f"cssl_{model}", continued + [
                 f"optimization.lr=[{ptloc['lr']}]", f"optimization.max_update={ptloc['max_update'] * (k + 1)}",
                 f"lr_scheduler.warmup_updates={ptloc['warmup_updates'] * (k + 1)}",
             ], init_from="cssl.1", matched_to=f"ptloc.1.k{k}"))
@@ -124,15 +139,15 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
         scale = max(1, shards // per)
         runs.append(PretrainRun(
             "cssl.1-temp", f"CSSL.1 temperature sampling (T={temp['temperature']}, {per} language/update)",
-            f"cssl_{model}", common + patience[:1] + [
+            f"cssl_{model}", common + cssl1.get("overrides", []) + [
                 "++task.shard_sampling=temperature", f"++task.sampling_temperature={temp['temperature']}",
                 f"++task.shards_per_update={per}", f"optimization.max_update={cssl1['max_update'] * scale}",
                 f"dataset.validate_interval_updates={cssl1['validate_interval_updates'] * scale}",
                 f"checkpoint.save_interval_updates={cssl1['validate_interval_updates'] * scale}",
-            ], checkpoint="checkpoint_best.pt"))
+            ]))
     previous = f"ptloc.1.k{first}"
     for r in range(2, settings["rounds"] + 1):
-        runs.append(PretrainRun(f"cssl.{r}", f"CSSL.{r}", f"cssl_{model}", common + [
+        runs.append(PretrainRun(f"cssl.{r}", f"CSSL.{r}", f"cssl_{model}", continued + [
             f"optimization.max_update={settings['cssl_round']['max_update']}"], init_from=previous))
         runs.append(ptloc_run(f"ptloc.{r}", f"PTLOC.{r} K={first}", first, f"cssl.{r}"))
         previous = f"ptloc.{r}"
@@ -220,11 +235,22 @@ def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
 
 
 def checkpoint_updates(path: str) -> tuple:
-    """(num_updates, task config) of a fairseq checkpoint."""
+    """(num_updates, task config, chance accuracy of the contrastive task) of a fairseq checkpoint."""
     from .models.eq_wav2vec2 import load_pretraining_checkpoint
 
     state = load_pretraining_checkpoint(path)
-    return int(state["optimizer_history"][-1]["num_updates"]), state["cfg"]["task"]
+    chance = 1.0 / (int(state["cfg"]["model"].get("num_negatives", 100)) + 1)
+    return int(state["optimizer_history"][-1]["num_updates"]), state["cfg"]["task"], chance
+
+
+def last_validation_accuracy(log_path: str) -> Dict[str, float]:
+    """Per shard, the contrastive accuracy of the last validation in a fairseq training log."""
+    accuracy: Dict[str, float] = {}
+    with open(log_path) as f:
+        for line in f:
+            if "valid on 'valid' subset" in line:
+                accuracy = {m.group(1): float(m.group(2)) for m in re.finditer(r"\| accuracy_(\S+) ([-\d.]+)", line)}
+    return accuracy
 
 
 def passes(num_updates: int, task_cfg) -> int:
@@ -283,17 +309,38 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     print(f"{chain.tag} {run.name}: {run.label}{' from ' + run.init_from if run.init_from else ''}", flush=True)
     command = pretrain_command(run, os.path.join(chain.corpus, "pretrain"), folder, chain.seed, init)
     run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
-    updates, task_cfg = checkpoint_updates(os.path.join(folder, "checkpoint_last.pt"))
+    updates, task_cfg, chance = checkpoint_updates(os.path.join(folder, "checkpoint_last.pt"))
+    accuracy = last_validation_accuracy(os.path.join(folder, "train.log"))
     gap = measure(chain, os.path.join(folder, run.checkpoint))
     record = mark_finished(
         folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
         init_from=run.init_from, matched_to=run.matched_to, num_updates=updates,
         inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
-        gap=gap, seconds=round(time.time() - start, 1),
+        gap=gap, valid_accuracy=accuracy, chance=chance, seconds=round(time.time() - start, 1),
     )
-    print(f"{chain.tag} {run.name}: finished, {updates} updates, mean gap {mean(g['gap'] for g in gap.values()):+.4f}"
-          f" bits ({record['seconds']:.0f} s)", flush=True)
+    lowest = min(accuracy.values()) if accuracy else math.nan
+    print(f"{chain.tag} {run.name}: finished, {updates} updates, validation accuracy {lowest:.3f} on its lowest "
+          f"shard ({lowest / chance:.1f}x chance), mean gap {mean(g['gap'] for g in gap.values()):+.4f} bits "
+          f"({record['seconds']:.0f} s)", flush=True)
     return record
+
+
+def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
+    """Stage: the no-pre-training control, CSSL.1's architecture with fresh weights (seed: the chain's)."""
+    from .models.eq_wav2vec2 import save_random_init
+
+    folder = os.path.join(chain.folder, CONTROL)
+    record = finished(folder)
+    if record is not None:
+        return record
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "random_init.pt")
+    if not os.path.exists(path):  # else left whole by an interrupted stage (written atomically)
+        save_random_init(os.path.join(chain.folder, "cssl.1", done["cssl.1"]["checkpoint"]), path, chain.seed)
+    gap = measure(chain, path)
+    return mark_finished(folder, "random_init.pt", name=CONTROL, label=CONTROL_LABEL, init_from=None,
+                         matched_to=None, num_updates=0, inner_steps=0, passes=0, gap=gap,
+                         valid_accuracy={}, chance=math.nan, seconds=0.0)
 
 
 def measure(chain: Chain, checkpoint: str) -> Dict[str, dict]:
@@ -343,6 +390,36 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
     return record
 
 
+def probe_config(chain: Chain):
+    from .probe import ProbeConfig
+
+    fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k != "fbank"}
+    return ProbeConfig(seed=chain.seed, **fields)
+
+
+def run_probe(chain: Chain, name: str, upstream: str, upstream_sha256: Optional[str], set_name: str) -> dict:
+    """Stage: the frozen-upstream probe of one checkpoint (or FBANK) on one set, with its test WER / CER."""
+    import torch
+
+    from .probe import probe
+
+    folder = os.path.join(chain.folder, "probe", name, set_name)
+    record = finished(folder, upstream_sha256)
+    if record is not None:
+        return record
+    os.makedirs(folder, exist_ok=True)
+    start = time.time()
+    data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
+    result = probe(upstream, data, probe_config(chain), os.path.join(chain.out, chain.preset, "features"), set_name)
+    torch.save(result.pop("head_state"), os.path.join(folder, "probe_head.pt"))
+    record = mark_finished(folder, "probe_head.pt", input_sha256=upstream_sha256, upstream=name, set=set_name,
+                           wer=result["wer"], cer=result["cer"], layer_weights=result["layer_weights"],
+                           final_train_loss=result["final_train_loss"], seconds=round(time.time() - start, 1))
+    print(f"{chain.tag} probe {name}/{set_name}: WER {100 * result['wer']:.1f} CER {100 * result['cer']:.1f} "
+          f"({record['seconds']:.0f} s)", flush=True)
+    return record
+
+
 def run_chain(chain: Chain) -> dict:
     """All stages of one (preset, seed): pre-training runs with their gaps, then fine-tuning."""
     import logging
@@ -357,12 +434,32 @@ def run_chain(chain: Chain) -> dict:
     done: Dict[str, dict] = {}
     for run in plan_pretraining(chain.preset, chain.settings):
         done[run.name] = pretrain(chain, run, done)
+        if run.name == "cssl.1" and chain.settings.get("control"):
+            done[CONTROL] = random_init(chain, done)
+    sets = finetune_sets(chain.preset, chain.settings)
     results = {}
+    if fbank_probed(chain.settings):
+        results["fbank"] = {"pretraining": None, "finetune": {},
+                            "probe": {s: run_probe(chain, "fbank", "fbank", None, s) for s in sets}}
     for name, record in done.items():
         pretrained = os.path.join(chain.folder, name, record["checkpoint"])
-        results[name] = {"pretraining": record, "finetune": {
-            s: finetune(chain, name, pretrained, record["sha256"], s) for s in finetune_sets(chain.preset, chain.settings)}}
+        results[name] = {"pretraining": record, "probe": {}, "finetune": {}}
+        if chain.settings.get("probe"):
+            results[name]["probe"] = {s: run_probe(chain, name, pretrained, record["sha256"], s) for s in sets}
+    for name, record in finetuned(done, chain.settings).items():  # last: the probes rank the checkpoints sooner
+        pretrained = os.path.join(chain.folder, name, record["checkpoint"])
+        results[name]["finetune"] = {s: finetune(chain, name, pretrained, record["sha256"], s) for s in sets}
     return results
+
+
+def finetuned(done: Dict[str, dict], settings: dict) -> Dict[str, dict]:
+    """The checkpoints that are fine-tuned: finetune.checkpoints (run names), or every one."""
+    chosen = settings["finetune"].get("checkpoints")
+    return {n: r for n, r in done.items() if not chosen or n in chosen}
+
+
+def fbank_probed(settings: dict) -> bool:
+    return bool(settings.get("probe")) and bool(settings["probe"].get("fbank", True))
 
 
 def collect_chain(chain: Chain) -> Optional[dict]:
@@ -375,13 +472,27 @@ def collect_chain(chain: Chain) -> Optional[dict]:
         if record is None:
             return None
         done[run.name] = record
+        if run.name == "cssl.1" and chain.settings.get("control"):
+            done[CONTROL] = finished(os.path.join(chain.folder, CONTROL), None, False)
+            if done[CONTROL] is None:
+                return None
+    sets = finetune_sets(chain.preset, chain.settings)
+    upstreams = {name: record["sha256"] for name, record in done.items()} if chain.settings.get("probe") else {}
+    if fbank_probed(chain.settings):
+        upstreams = {"fbank": None, **upstreams}
     results = {}
-    for name, record in done.items():
-        sets = {s: finished(os.path.join(chain.folder, "finetune", name, s), record["sha256"], False)
-                for s in finetune_sets(chain.preset, chain.settings)}
-        if any(r is None for r in sets.values()):
+    for name, sha in upstreams.items():
+        probes = {s: finished(os.path.join(chain.folder, "probe", name, s), sha, False) for s in sets}
+        if any(r is None for r in probes.values()):
             return None
-        results[name] = {"pretraining": record, "finetune": sets}
+        results[name] = {"pretraining": done.get(name), "probe": probes, "finetune": {}}
+    for name, record in done.items():
+        results.setdefault(name, {"pretraining": record, "probe": {}, "finetune": {}})
+    for name, record in finetuned(done, chain.settings).items():
+        tuned = {s: finished(os.path.join(chain.folder, "finetune", name, s), record["sha256"], False) for s in sets}
+        if any(r is None for r in tuned.values()):
+            return None
+        results[name]["finetune"] = tuned
     return results
 
 
@@ -404,25 +515,86 @@ def summarise(values: Sequence[float]) -> dict:
             "seeds": len(values)}
 
 
+MEASURES = {"probe": "frozen-upstream probe", "finetune": "full fine-tuning"}
+Z_SUM = 1.959964 + 0.841621
+"""z for a two-sided 5 % test plus z for 80 % power: a difference this many standard errors large
+is detected four times in five."""
+
+
+def minimum_detectable_difference(pooled_sd: float, seeds: int) -> float:
+    """The smallest true difference between two rows of `seeds` seeds each that a 5 % two-sided
+    test detects with 80 % power, given the per-seed standard deviation (nan for one seed)."""
+    return Z_SUM * math.sqrt(2.0 / seeds) * pooled_sd if seeds > 1 else math.nan
+
+
+def seeds_needed(pooled_sd: float, difference: float) -> int:
+    """Seeds per row for minimum_detectable_difference to reach `difference`."""
+    return max(2, math.ceil(2.0 * (Z_SUM * pooled_sd / difference) ** 2))
+
+
 def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
-    """One preset's results: per checkpoint, per set, WER and CER over seeds; gaps; passes."""
+    """One preset's results: per row (checkpoint, FBANK), per measure and set, WER and CER over
+    seeds with the minimum detectable difference; gaps, validation accuracy, passes."""
     sets = finetune_sets(preset, settings)
-    runs = plan_pretraining(preset, settings)
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
     table = {}
-    for run in runs:
-        row = {"label": run.label, "matched_to": run.matched_to, "sets": {}, "gap": {}, "passes": {}, "num_updates": {}}
+    for name in first:
+        pretraining = [per_seed[s][name]["pretraining"] for s in seeds]
+        label = pretraining[0]["label"] if pretraining[0] else FBANK_LABEL
+        row = {"label": label, "matched_to": pretraining[0]["matched_to"] if pretraining[0] else None,
+               "probe": {}, "finetune": {}, "gap": {}, "valid_accuracy": {}, "chance": None, "passes": {},
+               "num_updates": {}}
+        for measure in MEASURES:
+            for set_name in sets:
+                cells = [per_seed[s][name][measure].get(set_name) for s in seeds]
+                if all(c is not None for c in cells):
+                    row[measure][set_name] = {"wer": summarise([c["wer"] for c in cells]),
+                                              "cer": summarise([c["cer"] for c in cells])}
+        if pretraining[0]:
+            for shard in pretraining[0]["gap"]:
+                row["gap"][shard] = {key: summarise([r["gap"][shard][key] for r in pretraining])
+                                     for key in ("loss_before", "loss_after", "gap")}
+            for shard in pretraining[0].get("valid_accuracy") or {}:
+                row["valid_accuracy"][shard] = summarise([r["valid_accuracy"][shard] for r in pretraining])
+            row["chance"] = pretraining[0].get("chance")
+            row["passes"] = {str(s): r["passes"] for s, r in zip(seeds, pretraining)}
+            row["num_updates"] = {str(s): r["num_updates"] for s, r in zip(seeds, pretraining)}
+        table[name] = row
+    detectable = {}
+    for measure in MEASURES:
+        detectable[measure] = {}
         for set_name in sets:
-            cells = [per_seed[s][run.name]["finetune"][set_name] for s in sorted(per_seed)]
-            row["sets"][set_name] = {"wer": summarise([c["wer"] for c in cells]),
-                                     "cer": summarise([c["cer"] for c in cells])}
-        records = [per_seed[s][run.name]["pretraining"] for s in sorted(per_seed)]
-        for shard in records[0]["gap"]:
-            row["gap"][shard] = {key: summarise([r["gap"][shard][key] for r in records])
-                                 for key in ("loss_before", "loss_after", "gap")}
-        row["passes"] = {str(s): per_seed[s][run.name]["pretraining"]["passes"] for s in sorted(per_seed)}
-        row["num_updates"] = {str(s): per_seed[s][run.name]["pretraining"]["num_updates"] for s in sorted(per_seed)}
-        table[run.name] = row
-    return {"sets": sets, "seeds": sorted(per_seed), "checkpoints": table}
+            detectable[measure][set_name] = {}
+            for metric in ("wer", "cer"):
+                sds = [row[measure][set_name][metric]["sd"] for row in table.values() if set_name in row[measure]]
+                if not sds:
+                    continue
+                pooled = math.sqrt(mean(sd ** 2 for sd in sds))
+                reference = table.get("cssl.1", {}).get(measure, {}).get(set_name, {}).get(metric, {}).get("mean")
+                mdd = minimum_detectable_difference(pooled, len(seeds))
+                detectable[measure][set_name][metric] = {
+                    "pooled_sd": pooled, "mdd": mdd, "cssl1_mean": reference,
+                    "mdd_relative": mdd / reference if reference else math.nan,
+                    "seeds_for_5_percent_relative": seeds_needed(pooled, 0.05 * reference)
+                    if reference and pooled > 0 else None}
+    return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable}
+
+
+LEARNED = 2.0
+"""CSSL.1 has left chance when its lowest shard's validation accuracy is this many times chance."""
+
+
+def learning_verdict(cssl1: dict, chance: float) -> str:
+    """One plain sentence: did CSSL.1 leave wav2vec 2.0's early plateau, and what that means here."""
+    lowest = min(stat["mean"] for stat in cssl1["valid_accuracy"].values())
+    if lowest >= LEARNED * chance:
+        return (f"CSSL.1 learned: validation accuracy {lowest:.3f} on its lowest shard, {lowest / chance:.1f}x "
+                "chance; the downstream rows below compare models that learned.")
+    return (f"**CSSL.1 is still at chance** (validation accuracy {lowest:.3f} on its lowest shard, chance "
+            f"{chance:.3f}): this budget ends inside wav2vec 2.0's early plateau, so no row below can show "
+            "whether pre-training or PTLOC helps. The `small` settings leave the plateau (README \"Learning "
+            "curves\"): eqssl-reproduce --preset multidomain multilingual --size small --seeds 3 --jobs 2 --out runs/small")
 
 
 def _cell(stat: dict) -> str:
@@ -431,34 +603,77 @@ def _cell(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}"
 
 
+def _difference_lines(result: dict, measure: str, pairs: List[tuple], heads: List[str]) -> List[str]:
+    """Rows of `a minus b` CER differences, * where |Δ| exceeds the minimum detectable difference."""
+    rows, sets = result["checkpoints"], result["sets"]
+    lines = ["| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
+    for a, b in pairs:
+        cells = []
+        for s in sets:
+            if s not in rows[a][measure] or s not in rows[b][measure]:
+                cells.append("–")
+                continue
+            delta = 100 * (rows[a][measure][s]["cer"]["mean"] - rows[b][measure][s]["cer"]["mean"])
+            mdd = result["detectable"][measure][s]["cer"]["mdd"]
+            cells.append(f"{delta:+.1f}{'*' if math.isfinite(mdd) and abs(delta) > 100 * mdd else ''}")
+        lines.append(f"| {rows[a]['label']} − {rows[b]['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(preset: str, result: dict) -> str:
-    """WER / CER table, gap table and the PTLOC-vs-matched-CSSL differences of one preset."""
+    """Per preset: pre-training accuracy, both downstream measures with their minimum detectable
+    differences and comparisons, and the gap table."""
     sets, rows = result["sets"], result["checkpoints"]
     seeds = len(result["seeds"])
     heads = [f"{s} ({'seen' if seen else 'unseen'})" for s, seen in sets.items()]
-    lines = [f"### {preset}: WER / CER (%) on the test sets, mean ± sd over {seeds} seed(s)", "",
-             "| checkpoint | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
-    for row in rows.values():
-        cells = [f"{_cell(row['sets'][s]['wer'])} / {_cell(row['sets'][s]['cer'])}" for s in sets]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    shards = list(next(iter(rows.values()))["gap"])
-    lines += ["", f"### {preset}: validation loss / equilibrium gap per pre-training shard (bits per target)", "",
+    pretrained = {n: r for n, r in rows.items() if r["valid_accuracy"]}
+    lines = []
+    if pretrained:
+        shards = list(next(iter(pretrained.values()))["valid_accuracy"])
+        chance = next(iter(pretrained.values()))["chance"]
+        lines += [f"### {preset}: did pre-training learn? Validation contrastive accuracy per shard at the end "
+                  f"of each run (chance {chance:.3f})", "",
+                  "| checkpoint | " + " | ".join(shards) + " | lowest / chance | updates per seed |",
+                  "|---|" + "---|" * (len(shards) + 2)]
+        for row in pretrained.values():
+            lowest = min(row["valid_accuracy"][s]["mean"] for s in shards)
+            lines.append(f"| {row['label']} | " + " | ".join(f"{row['valid_accuracy'][s]['mean']:.3f}" for s in shards)
+                         + f" | {lowest / chance:.1f}x | {next(iter(row['num_updates'].values()))} |")
+        if "cssl.1" in pretrained:
+            lines += ["", learning_verdict(pretrained["cssl.1"], chance)]
+        lines.append("")
+    for measure, title in MEASURES.items():
+        shown = {n: r for n, r in rows.items() if r[measure]}
+        if not shown:
+            continue
+        lines += [f"### {preset}: {title}, WER / CER (%) on the test sets, mean ± sd over {seeds} seed(s)", "",
+                  "| checkpoint | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
+        for row in shown.values():
+            cells = [f"{_cell(row[measure][s]['wer'])} / {_cell(row[measure][s]['cer'])}" if s in row[measure] else "–"
+                     for s in sets]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        detectable = result["detectable"][measure]
+        cells = []
+        for s in sets:
+            d = detectable[s].get("cer")
+            if not d or not math.isfinite(d["mdd"]):
+                cells.append("n/a (one seed)")
+            else:
+                need = f"; {d['seeds_for_5_percent_relative']} seeds for 5 % rel." if d["seeds_for_5_percent_relative"] else ""
+                cells.append(f"{100 * d['mdd']:.1f} ({100 * d['mdd_relative']:.0f} % rel.){need}")
+        lines += [f"| minimum detectable CER difference | " + " | ".join(cells) + " |", ""]
+        pairs = [(n, r["matched_to"]) for n, r in shown.items() if r["matched_to"] in shown]
+        baseline = [("cssl.1", CONTROL)] if "cssl.1" in shown and CONTROL in shown else []
+        if pairs or baseline:
+            lines += [f"{title}: CER differences (points; * = beyond the minimum detectable difference)", ""]
+            lines += _difference_lines(result, measure, baseline + [(a, b) for b, a in pairs], heads) + [""]
+    gapped = {n: r for n, r in rows.items() if r["gap"]}
+    shards = list(next(iter(gapped.values()))["gap"])
+    lines += [f"### {preset}: validation loss / equilibrium gap per pre-training shard (bits per target)", "",
               "| checkpoint | " + " | ".join(shards) + " | passes per seed |", "|---|" + "---|" * (len(shards) + 1)]
-    for row in rows.values():
+    for row in gapped.values():
         cells = [f"{row['gap'][s]['loss_before']['mean']:.3f} / {row['gap'][s]['gap']['mean']:+.4f}" for s in shards]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {next(iter(row['passes'].values()))} |")
-    pairs = [(name, row["matched_to"]) for name, row in rows.items() if row["matched_to"] in rows]
-    if pairs:
-        lines += ["", f"### {preset}: PTLOC minus its compute-matched CSSL (WER points; * = beyond the spread, "
-                  "|Δ| > sd₁ + sd₂)", "", "| PTLOC run | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
-        for cssl, ptloc in pairs:
-            cells = []
-            for s in sets:
-                a, b = rows[ptloc]["sets"][s]["wer"], rows[cssl]["sets"][s]["wer"]
-                delta = 100 * (a["mean"] - b["mean"])
-                beyond = seeds > 1 and abs(delta) > 100 * (a["sd"] + b["sd"])
-                cells.append(f"{delta:+.1f}{'*' if beyond else ''}")
-            lines.append(f"| {rows[ptloc]['label']} vs {rows[cssl]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -500,7 +715,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = load_settings(args.size)
         for preset in args.preset:
-            finetune_sets(preset, settings)  # fail on a bad set name before any work
+            finetune_sets(preset, settings)  # fail on a bad set or run name before any work
+            names = [r.name for r in plan_pretraining(preset, settings)] + [CONTROL]
+            unknown = [n for n in settings["finetune"].get("checkpoints") or [] if n not in names]
+            if unknown:
+                raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "
+                                     f"the {preset} runs are {', '.join(names)}")
     except ReproduceError as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
     start = time.time()

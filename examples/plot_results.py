@@ -6,8 +6,9 @@ Writes, per preset, into the figure folder:
 - ``results_<preset>_gap.png``: per pre-training shard, the validation loss before and after the
   inner step(s) and their difference (the equilibrium gap), against forward/backward passes per
   shard, for CSSL.1 and the runs continued from it (one seed);
-- ``results_<preset>_wer.png``: WER and CER per fine-tuning set for every checkpoint, with the
-  standard deviation over seeds as error bars.
+- ``results_<preset>_wer.png``: WER and CER per fine-tuning set for every checkpoint, one row per
+  downstream measure (frozen-upstream probe, fine-tuning), with the standard deviation over seeds
+  as error bars.
 Existing figures are replaced (they are generated files); nothing else is written.
 """
 
@@ -83,23 +84,30 @@ def plot_gap(out: str, preset: str, result: dict, seed: int, path: str) -> None:
     plt.close(fig)
 
 
+MEASURES = {"probe": "frozen-upstream probe", "finetune": "fine-tuning"}
+
+
 def plot_wer(preset: str, result: dict, path: str) -> None:
     rows, sets = result["checkpoints"], result["sets"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    width = 0.8 / len(rows)
-    for m, metric in enumerate(("wer", "cer")):
-        for i, row in enumerate(rows.values()):
-            means = [100 * row["sets"][s][metric]["mean"] for s in sets]
-            sds = [100 * row["sets"][s][metric]["sd"] for s in sets]
-            axes[m].bar(np.arange(len(sets)) + i * width, means, width, yerr=sds, capsize=2,
-                        label=row["label"] if m == 0 else None)
-        axes[m].set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
-        axes[m].set_xticklabels([f"{s}\n({'seen' if seen else 'unseen'})" for s, seen in sets.items()], fontsize=8)
-        axes[m].set_ylabel(f"{metric.upper()} (%)")
+    measures = [m for m in MEASURES if any(row.get(m) for row in rows.values())]
+    fig, axes = plt.subplots(len(measures), 2, figsize=(11, 3.4 * len(measures)), squeeze=False)
+    for r, measure in enumerate(measures):
+        shown = [row for row in rows.values() if row.get(measure)]
+        width = 0.8 / len(shown)
+        for m, metric in enumerate(("wer", "cer")):
+            axis = axes[r, m]
+            for i, row in enumerate(shown):
+                means = [100 * row[measure][s][metric]["mean"] for s in sets]
+                sds = [100 * row[measure][s][metric]["sd"] for s in sets]
+                axis.bar(np.arange(len(sets)) + i * width, means, width, yerr=sds, capsize=2,
+                         label=row["label"] if (m, r) == (0, 0) else None, color=f"C{list(rows.values()).index(row)}")
+            axis.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
+            axis.set_xticklabels([f"{s}\n({'seen' if seen else 'unseen'})" for s, seen in sets.items()], fontsize=8)
+            axis.set_ylabel(f"{MEASURES[measure]}\n{metric.upper()} (%)")
     fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.suptitle(f"{preset}: test WER / CER after CTC fine-tuning, mean ± sd over {len(result['seeds'])} seed(s)",
+    fig.suptitle(f"{preset}: test WER / CER per downstream measure, mean ± sd over {len(result['seeds'])} seed(s)",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0.16, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

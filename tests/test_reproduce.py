@@ -15,6 +15,7 @@ from conftest import REPO, run
 from eqssl.models.eq_wav2vec2 import load_pretraining_checkpoint
 
 PRETRAINING = ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.2"]
+ROWS = ["fbank", "cssl.1", "none", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.2"]
 SETS = ["sv"]
 
 
@@ -28,11 +29,12 @@ def experiment(multilingual_corpus, tmp_path_factory):
     (out / "multilingual" / "corpus").symlink_to(multilingual_corpus)
     settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
     settings.update(rounds=2, inner_steps=[1], validate_interval_updates=4)
-    settings["cssl1"].update(max_update=8, patience=2, validate_interval_updates=4)
+    settings["cssl1"].update(max_update=8, validate_interval_updates=4)
     settings["ptloc"].update(max_update=3, warmup_updates=1)
     settings["cssl_round"]["max_update"] = 3
     settings["gap"]["batches"] = 2
     settings["finetune"].update(max_update=4, sets={"multilingual": SETS})
+    settings["probe"].update(updates=5, batch_size=4)
     path = out / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
     command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out]
@@ -43,10 +45,13 @@ def experiment(multilingual_corpus, tmp_path_factory):
 
 def records(out):
     seed = out / "multilingual" / "seed1"
-    found = {name: json.loads((seed / name / "eqssl_stage.json").read_text()) for name in PRETRAINING}
-    for name in PRETRAINING:
+    found = {name: json.loads((seed / name / "eqssl_stage.json").read_text()) for name in PRETRAINING + ["none"]}
+    for name in PRETRAINING + ["none"]:
         for s in SETS:
             found[f"{name}/{s}"] = json.loads((seed / "finetune" / name / s / "eqssl_stage.json").read_text())
+    for name in ROWS:
+        for s in SETS:
+            found[f"probe {name}/{s}"] = json.loads((seed / "probe" / name / s / "eqssl_stage.json").read_text())
     return found
 
 
@@ -54,14 +59,21 @@ def test_results_file_has_every_cell(experiment):
     out, _, stdout = experiment
     summary = json.loads((out / "results.json").read_text())
     result = summary["presets"]["multilingual"]
-    assert list(result["checkpoints"]) == PRETRAINING
+    assert list(result["checkpoints"]) == ROWS
     assert result["sets"] == {"sv": False}  # unseen in pre-training
     for name, row in result["checkpoints"].items():
-        for s in SETS:
-            for metric in ("wer", "cer"):
-                cell = row["sets"][s][metric]
-                assert math.isfinite(cell["mean"]) and cell["seeds"] == 1, (name, s, metric)
+        measures = ["probe"] if name == "fbank" else ["probe", "finetune"]
+        for measure in measures:
+            for s in SETS:
+                for metric in ("wer", "cer"):
+                    cell = row[measure][s][metric]
+                    assert math.isfinite(cell["mean"]) and cell["seeds"] == 1, (name, measure, s, metric)
+        if name == "fbank":
+            assert row["finetune"] == {} and row["gap"] == {}
+            continue
         assert sorted(row["gap"]) == ["en", "fr", "nl"]
+        if name != "none":
+            assert sorted(row["valid_accuracy"]) == ["en", "fr", "nl"] and row["chance"] == pytest.approx(1 / 11)
         for shard in row["gap"].values():
             assert math.isfinite(shard["gap"]["mean"])
             assert shard["gap"]["mean"] == pytest.approx(shard["loss_before"]["mean"] - shard["loss_after"]["mean"])
@@ -69,6 +81,10 @@ def test_results_file_has_every_cell(experiment):
     assert table in stdout
     for row in result["checkpoints"].values():
         assert f"| {row['label']} |" in table
+    # One seed: no spread, so no minimum detectable difference, and the tables say so.
+    assert math.isnan(result["detectable"]["probe"]["sv"]["cer"]["mdd"])
+    assert "| minimum detectable CER difference | n/a (one seed) |" in table
+    assert "| CSSL.1 − No pre-training (random init) |" in table
 
 
 def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
@@ -129,7 +145,7 @@ def test_a_changed_checkpoint_redoes_it_and_what_depends_on_it(experiment):
     assert (seed / "cssl.2.stale").is_dir()  # moved aside, not deleted
     after = records(out)
     redone = {name for name in after if after[name] != before[name]}
-    assert redone == {"cssl.2", "ptloc.2", "cssl.2/sv", "ptloc.2/sv"}
+    assert redone == {"cssl.2", "ptloc.2", "cssl.2/sv", "ptloc.2/sv", "probe cssl.2/sv", "probe ptloc.2/sv"}
     for name in ("cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp"):
         assert f"{name}: done, skipped" in again.stdout
     # Same seed, same start: the redone runs repeat the first ones exactly.
@@ -148,22 +164,31 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     missing = run(["eqssl-reproduce", "--size", "huge", "--out", tmp_path / "out"])
     assert missing.returncode != 0 and "sizes: full, small, tiny" in missing.stdout
+    settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
+    settings["cssl1"]["patience"] = 3
+    path.write_text(yaml.safe_dump(settings))
+    old = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
+    assert old.returncode != 0 and f"{path}: cssl1.patience is no longer read" in old.stdout
+    assert not (tmp_path / "out").exists()
 
 
-def test_compare_checkpoints_runs_the_same_fine_tuning_on_any_checkpoints(experiment, multilingual_corpus, tmp_path):
+def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experiment, multilingual_corpus, tmp_path):
     out, _, _ = experiment
     seed = out / "multilingual" / "seed1"
     result = run(["python", REPO / "examples" / "compare_checkpoints.py", tmp_path,
-                  "--checkpoints", f"A={seed / 'cssl.1' / 'checkpoint_best.pt'}",
+                  "--checkpoints", f"A={seed / 'cssl.1' / 'checkpoint_last.pt'}",
                   f"B={seed / 'ptloc.1.k1' / 'checkpoint_last.pt'}",
-                  "--sets", f"sv={multilingual_corpus / 'finetune' / 'sv'}",
-                  "--override", "optimization.max_update=4"])
+                  "--sets", f"sv={multilingual_corpus / 'finetune' / 'sv'}", "--measures", "finetune", "probe",
+                  "--control", "--probe-updates", "5", "--override", "optimization.max_update=4"])
     assert result.returncode == 0, result.stdout[-3000:]
-    table = json.loads((tmp_path / "comparison.json").read_text())["results"]
-    assert sorted(table) == ["A", "B"]
-    for row in table.values():
-        assert math.isfinite(row["sv"]["wer"]) and math.isfinite(row["sv"]["cer"])
+    tables = json.loads((tmp_path / "comparison.json").read_text())["results"]
+    assert list(tables["finetune"]) == ["no pre-training", "A", "B"]
+    assert list(tables["probe"]) == ["FBANK", "no pre-training", "A", "B"]
+    for table in tables.values():
+        for row in table.values():
+            assert math.isfinite(row["sv"]["wer"]) and math.isfinite(row["sv"]["cer"])
     assert (tmp_path / "finetune" / "B" / "sv" / "checkpoint_best.pt").exists()
+    assert (tmp_path / "control" / "random_init.pt").exists()
 
 
 @pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.k3", "cssl.1+4x", "cssl.1-temp", "cssl.3", "finetune"])
@@ -204,3 +229,19 @@ def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
     assert not (out / "multilingual" / "seed2").exists()
     nothing = run([*command[:-2], "--out", tmp_path, "--report"])
     assert nothing.returncode != 0 and "no finished seed for multilingual" in nothing.stdout
+
+
+@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2"])
+def test_small_settings_compose(name):
+    """The `small` experiment's runs compose with its recipes; every run continued from another
+    keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
+    from eqssl.reproduce import load_settings, plan_pretraining, pretrain_command
+
+    settings = load_settings("small")
+    run_ = {r.name: r for r in plan_pretraining("multilingual", settings)}[name]
+    command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
+    result = run([*command, "--cfg", "job"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "max_tokens: 480000" in result.stdout and "feature_grad_mult: 1.0" in result.stdout
+    temperature = [0.5, 0.5, 1.0] if run_.init_from else [2.0, 0.5, 0.995]
+    assert "latent_temp:\n" + "".join(f"  - {t}\n" for t in temperature) in result.stdout, result.stdout[-3000:]
