@@ -112,7 +112,9 @@ def negatives(overrides: List[str], recipe: str) -> int:
         return int(yaml.safe_load(f).get("num_negatives", 100))
 
 
-def table(name: str, points: List[dict], chance: float) -> str:
+def table(name: str, points: List[dict], chance: float, every: int = 0) -> str:
+    """Markdown table of a run's validations (with `every`, only those at multiples of it)."""
+    points = [p for p in points if not every or p["updates"] % every == 0] or points[-1:]
     if not points:
         return f"{name}: no validation yet\n"
     shards = sorted(points[0]["accuracy"])
@@ -165,6 +167,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each")
     parser.add_argument("--report", action="store_true", help="run nothing; tabulate the logs there are")
     parser.add_argument("--plot", help="write a figure of the curves to this PNG")
+    parser.add_argument("--every", type=int, default=0,
+                        help="tabulate only validations at multiples of this many updates (the figure has all)")
     parser.add_argument("--json", help="write the curves to this file (never overwritten)")
     args = parser.parse_args()
     for path in (args.plot, args.json):
@@ -185,7 +189,7 @@ def main() -> int:
         chance = 1.0 / (negatives(settings[name]["overrides"], settings[name]["recipe"]) + 1)
         curves[name] = {"recipe": settings[name]["recipe"], "overrides": settings[name]["overrides"],
                         "chance": chance, "points": points}
-        print(table(name, points, chance))
+        print(table(name, points, chance, args.every))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(curves, f, indent=2)
