@@ -9,6 +9,7 @@ zip archive's CRC-32 of every record is.
 """
 
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -23,6 +24,16 @@ PICKLE_MAGIC = b"\x80"  # the legacy format: nothing cheap to check
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks: what the experiment's stage records and the
+    probe's feature cache key a checkpoint by."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_checkpoint(path: str) -> None:

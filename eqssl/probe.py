@@ -31,6 +31,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import file_sha256
+
 FBANK = "fbank"
 
 
@@ -51,14 +53,6 @@ class ProbeConfig:
 
 
 # ------------------------------------------------------------------ upstream features
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Upstream:
     """A frozen feature extractor: fbank, or a wav2vec 2.0 pre-training checkpoint's layers."""
 

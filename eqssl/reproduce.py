@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
 import json
 import math
 import multiprocessing
@@ -47,6 +46,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from .checkpoints import file_sha256
 from .corpus.presets import PRESETS
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
@@ -168,14 +168,6 @@ def finetune_sets(preset: str, settings: dict) -> Dict[str, bool]:
 
 
 # ------------------------------------------------------------------ stage bookkeeping
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def finished(folder: str, input_sha256: Optional[str] = None, move_stale: bool = True) -> Optional[dict]:
     """The record of a finished stage whose checkpoint, and the checkpoint it started from, still
     verify; else None. A finished stage that no longer verifies is moved aside (never deleted)
@@ -186,7 +178,7 @@ def finished(folder: str, input_sha256: Optional[str] = None, move_stale: bool =
     with open(path) as f:
         record = json.load(f)
     checkpoint = os.path.join(folder, record["checkpoint"])
-    if (os.path.exists(checkpoint) and sha256(checkpoint) == record["sha256"]
+    if (os.path.exists(checkpoint) and file_sha256(checkpoint) == record["sha256"]
             and record.get("input_sha256") == input_sha256):
         return record
     if not move_stale:
@@ -199,7 +191,7 @@ def finished(folder: str, input_sha256: Optional[str] = None, move_stale: bool =
 
 
 def mark_finished(folder: str, checkpoint: str, **extra) -> dict:
-    record = {"checkpoint": checkpoint, "sha256": sha256(os.path.join(folder, checkpoint)), **extra}
+    record = {"checkpoint": checkpoint, "sha256": file_sha256(os.path.join(folder, checkpoint)), **extra}
     tmp = os.path.join(folder, MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2, ensure_ascii=False)
