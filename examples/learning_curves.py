@@ -9,7 +9,7 @@ Each setting of the settings file (a recipe of recipes/pretrain plus hydra overr
 fairseq-hydra-train run in OUT/NAME (log: OUT/NAME/train.log), one thread per run, ``--jobs`` at
 a time; a rerun resumes an unfinished run from its checkpoint_last.pt and skips a finished one.
 Then, from the logs, a table per setting: validation contrastive accuracy per shard against
-updates and training wall time (fairseq's ``wall``, which survives a resume), the code perplexity
+updates and training wall time (fairseq's ``wall``, summed over resumes), the code perplexity
 per codebook group, and chance (1 / (negatives + 1)); with --json the curves as data, with --plot
 a figure (lowest shard's accuracy against updates and against minutes).
 """
@@ -80,12 +80,16 @@ def parse_stats(text: str) -> Dict[str, float]:
 
 def curve(log_path: str) -> List[dict]:
     """Every validation of a run: updates, wall seconds, and accuracy / code perplexity per shard."""
-    points, wall = {}, 0.0
+    points, wall, offset, last = {}, 0.0, 0.0, 0.0
     with open(log_path) as f:
         for line in f:
             match = WALL.search(line)
             if match:
-                wall = float(match.group(1))
+                # fairseq's wall clock restarts at 0 when a run resumes: carry the time before it
+                if float(match.group(1)) < last:
+                    offset += last
+                last = float(match.group(1))
+                wall = offset + last
                 continue
             match = VALID.search(line)
             if not match:
