@@ -21,6 +21,7 @@ the test split, scored exactly as ``eqssl-evaluate`` scores fine-tuned models.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -58,17 +59,29 @@ class Upstream:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        if source == FBANK:
-            self.key, self.model, self.normalize = FBANK, None, False
-            return
+        self.key = FBANK if source == FBANK else file_sha256(source)
+
+    @functools.cached_property
+    def _network(self) -> tuple:
+        """(frozen model or None for fbank, whether it expects layer-normalised audio); loaded
+        on first use only, so that a probe whose features are all cached never loads it."""
+        if self.source == FBANK:
+            return None, False
         from .gap import load_model
 
-        self.key = file_sha256(source)
-        self.model, cfg = load_model(source)
-        self.model.eval()
-        for parameter in self.model.parameters():
+        model, cfg = load_model(self.source)
+        model.eval()
+        for parameter in model.parameters():
             parameter.requires_grad_(False)
-        self.normalize = bool(cfg["task"].get("normalize", False))
+        return model, bool(cfg["task"].get("normalize", False))
+
+    @property
+    def model(self):
+        return self._network[0]
+
+    @property
+    def normalize(self) -> bool:
+        return self._network[1]
 
     @torch.no_grad()
     def __call__(self, wav: torch.Tensor) -> torch.Tensor:

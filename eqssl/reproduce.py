@@ -389,8 +389,9 @@ def probe_config(chain: Chain):
     return ProbeConfig(seed=chain.seed, **fields)
 
 
-def run_probe(chain: Chain, name: str, upstream: str, upstream_sha256: Optional[str], set_name: str) -> dict:
-    """Stage: the frozen-upstream probe of one checkpoint (or FBANK) on one set, with its test WER / CER."""
+def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str], set_name: str) -> dict:
+    """Stage: the frozen-upstream probe of one checkpoint (or FBANK) on one set, with its test WER / CER;
+    ``upstream``: an eqssl.probe.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
     import torch
 
     from .probe import probe
@@ -402,7 +403,8 @@ def run_probe(chain: Chain, name: str, upstream: str, upstream_sha256: Optional[
     os.makedirs(folder, exist_ok=True)
     start = time.time()
     data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
-    result = probe(upstream, data, probe_config(chain), os.path.join(chain.out, chain.preset, "features"), set_name)
+    result = probe(upstream.source, data, probe_config(chain), os.path.join(chain.out, chain.preset, "features"),
+                   set_name, upstream=upstream)
     torch.save(result.pop("head_state"), os.path.join(folder, "probe_head.pt"))
     record = mark_finished(folder, "probe_head.pt", input_sha256=upstream_sha256, upstream=name, set=set_name,
                            wer=result["wer"], cer=result["cer"], layer_weights=result["layer_weights"],
@@ -419,6 +421,8 @@ def run_chain(chain: Chain) -> dict:
 
     import torch
 
+    from .probe import FBANK, Upstream
+
     torch.set_num_threads(chain.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # in-process gap and evaluation: progress lines only
@@ -431,13 +435,15 @@ def run_chain(chain: Chain) -> dict:
     sets = finetune_sets(chain.preset, chain.settings)
     results = {}
     if fbank_probed(chain.settings):
+        fbank = Upstream(FBANK)
         results["fbank"] = {"pretraining": None, "finetune": {},
-                            "probe": {s: run_probe(chain, "fbank", "fbank", None, s) for s in sets}}
+                            "probe": {s: run_probe(chain, "fbank", fbank, None, s) for s in sets}}
     for name, record in done.items():
         pretrained = os.path.join(chain.folder, name, record["checkpoint"])
         results[name] = {"pretraining": record, "probe": {}, "finetune": {}}
         if chain.settings.get("probe"):
-            results[name]["probe"] = {s: run_probe(chain, name, pretrained, record["sha256"], s) for s in sets}
+            upstream = Upstream(pretrained)
+            results[name]["probe"] = {s: run_probe(chain, name, upstream, record["sha256"], s) for s in sets}
     for name, record in finetuned(done, chain.settings).items():  # last: the probes rank the checkpoints sooner
         pretrained = os.path.join(chain.folder, name, record["checkpoint"])
         results[name]["finetune"] = {s: finetune(chain, name, pretrained, record["sha256"], s) for s in sets}

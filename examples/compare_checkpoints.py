@@ -28,7 +28,7 @@ import sys
 
 from eqssl.evaluate import evaluate
 from eqssl.models.eq_wav2vec2 import save_random_init
-from eqssl.probe import ProbeConfig, probe
+from eqssl.probe import ProbeConfig, Upstream, probe
 from eqssl.reproduce import finetune_command, new_path
 
 
@@ -57,9 +57,10 @@ def stage_probe(out, checkpoints, sets, cfg):
     table = {}
     for ckpt_name, ckpt in {"FBANK": "fbank", **checkpoints}.items():
         table[ckpt_name] = {}
+        upstream = Upstream(ckpt)  # one load of the encoder for all sets
         for set_name, folder in sets.items():
             print(f"probing {ckpt_name} on {set_name}", flush=True)
-            result = probe(ckpt, folder, cfg, os.path.join(out, "features"), set_name)
+            result = probe(ckpt, folder, cfg, os.path.join(out, "features"), set_name, upstream=upstream)
             result.pop("head_state")
             table[ckpt_name][set_name] = result
     return table
