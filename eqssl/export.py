@@ -1,4 +1,7 @@
-"""Export eqssl checkpoints as stock fairseq wav2vec 2.0 checkpoints: ``eqssl-export IN OUT``.
+"""Export eqssl checkpoints so that they load without eqssl: ``eqssl-export IN OUT``.
+
+BEST-RQ (eq_bestrq) checkpoints, which fairseq has no model for, are written as plain PyTorch
+data by ``eqssl.export_bestrq``; the rest of this docstring is about wav2vec 2.0.
 
 eqssl's checkpoints name its own components (model ``eq_wav2vec2``, task
 ``equilibrium_pretraining``, criterion ``equilibrium_wav2vec``, ``common.user_dir``), so loading
@@ -35,6 +38,8 @@ from typing import Any, Dict, Iterable, List, Optional
 from unittest import mock
 
 import torch
+
+from .export_bestrq import FORMAT, BestRqExportError, export_bestrq_state, is_bestrq
 
 PRETRAINING = "pretraining"
 FINETUNED = "finetuned"
@@ -88,8 +93,8 @@ def _keep(group: Optional[dict], names: Iterable[str], new_name: str) -> dict:
 
 
 def is_pretraining_model(name: Optional[str]) -> bool:
-    """Whether a model ``_name`` is wav2vec 2.0 pre-training (stock or eqssl, any named size)."""
-    return name is not None and (name == "wav2vec2" or str(name).startswith("eq_wav2vec2"))
+    """Whether a model ``_name`` is pre-training: wav2vec 2.0 (stock or eqssl) or eq_bestrq, any size."""
+    return name is not None and (name == "wav2vec2" or str(name).startswith(("eq_wav2vec2", "eq_bestrq")))
 
 
 def stock_pretraining_cfg(cfg: dict) -> dict:
@@ -120,12 +125,12 @@ def checkpoint_kind(state: Any, path: str) -> str:
         if not is_pretraining_model(inner_name):
             raise ExportError(
                 f"{path}: a wav2vec_ctc checkpoint whose w2v_args hold a {inner_name!r} model, "
-                "not wav2vec 2.0 pre-training (wav2vec2 / eq_wav2vec2)"
+                "not a pre-training model (wav2vec2 / eq_wav2vec2 / eq_bestrq)"
             )
         return FINETUNED
     raise ExportError(
-        f"{path}: holds a {name!r} model, not a wav2vec 2.0 pre-training checkpoint "
-        "(wav2vec2 / eq_wav2vec2) or a fine-tuned wav2vec_ctc one"
+        f"{path}: holds a {name!r} model, not a pre-training checkpoint "
+        "(wav2vec2 / eq_wav2vec2 / eq_bestrq) or a fine-tuned wav2vec_ctc one"
     )
 
 
@@ -232,29 +237,46 @@ def portability_warnings(exported: dict) -> List[str]:
 
 
 def export_checkpoint(src: str, dst: str) -> str:
-    """Write the stock fairseq version of checkpoint ``src`` to ``dst`` (never overwritten); return its kind."""
+    """Write the export of checkpoint ``src`` to ``dst`` (never overwritten); return its kind
+    (PRETRAINING or FINETUNED)."""
+    return _export(src, dst)[0]
+
+
+def _export(src: str, dst: str) -> tuple:
+    """export_checkpoint's work: (kind, what was written, in words)."""
     if os.path.lexists(dst):
         raise ExportError(f"{dst}: already exists; not overwriting it")
     state = load_input(src)
-    exported = export_state(state, src)
-    check_weights_fit(exported, src)
-    for message in portability_warnings(exported):
-        warnings.warn(f"{src}: {message}", PortabilityWarning, stacklevel=2)
+    if is_bestrq(state):
+        try:
+            exported = export_bestrq_state(state, src)
+        except BestRqExportError as error:
+            raise ExportError(str(error)) from None
+    else:
+        exported = export_state(state, src)
+        check_weights_fit(exported, src)
+        for message in portability_warnings(exported):
+            warnings.warn(f"{src}: {message}", PortabilityWarning, stacklevel=2)
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise ExportError(f"{dst}: no such folder {folder}")
     partial = dst + ".partial"
     torch.save(exported, partial)
     os.replace(partial, dst)
-    return checkpoint_kind(exported, dst)
+    if is_bestrq(state):
+        return exported["kind"], f"BEST-RQ {exported['kind']} export, plain PyTorch ({FORMAT})"
+    kind = checkpoint_kind(exported, dst)
+    return kind, f"stock fairseq wav2vec 2.0 {kind} checkpoint"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line: ``eqssl-export IN OUT``."""
     parser = argparse.ArgumentParser(
         prog="eqssl-export",
-        description="Rewrite an eqssl wav2vec 2.0 checkpoint (pre-training, or wav2vec_ctc fine-tuned) "
-        "as a stock fairseq one that loads without eqssl (fairseq, torchaudio, transformers).",
+        description="Rewrite an eqssl checkpoint (pre-training, or wav2vec_ctc fine-tuned) so that it "
+        "loads without eqssl: wav2vec 2.0 as a stock fairseq checkpoint (fairseq, torchaudio); "
+        "BEST-RQ as plain PyTorch tensors and a config for torchaudio's Conformer "
+        "(examples/bestrq_standalone.py rebuilds it).",
     )
     parser.add_argument("input", help="eqssl checkpoint (e.g. checkpoint_best.pt)")
     parser.add_argument("output", help="file to write; must not exist")
@@ -262,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PortabilityWarning)
-            kind = export_checkpoint(args.input, args.output)
+            _, written = _export(args.input, args.output)
     except ExportError as error:
         print(f"eqssl-export: error: {error}", file=sys.stderr)
         return 1
@@ -271,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"eqssl-export: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    print(f"wrote {args.output} (stock fairseq wav2vec 2.0 {kind} checkpoint)")
+    print(f"wrote {args.output} ({written})")
     return 0
 
 

@@ -1,10 +1,10 @@
-"""How far a wav2vec 2.0 checkpoint is from each shard's K-step optimum (the equilibrium gap).
+"""How far a pre-training checkpoint (wav2vec 2.0 or BEST-RQ) is from each shard's K-step optimum (the equilibrium gap).
 
     eqssl-gap DATA CHECKPOINT [CHECKPOINT ...] --inner-steps 1 --inner-lr 1e-3
 
 For every checkpoint (eqssl's, or a stock fairseq wav2vec2 one) and every shard of DATA (the
 task's layout: one manifest folder per shard), on that shard's validation batches: the
-wav2vec 2.0 loss at the checkpoint's weights, the loss after K plain SGD steps on the batch,
+pre-training loss at the checkpoint's weights, the loss after K plain SGD steps on the batch,
 and their difference. Every checkpoint sees the same batches, masks and negatives, so rows
 compare like for like. Losses are in bits per target, as in the training logs.
 """
@@ -21,9 +21,12 @@ import torch
 from fairseq.data import data_utils
 
 from .bilevel import equilibrium_backward
-from .criterions.equilibrium_wav2vec import LN2, EquilibriumWav2vecCriterion
+from .criterions.base import LN2
+from .criterions.equilibrium_bestrq import EquilibriumBestRqCriterion
+from .criterions.equilibrium_wav2vec import EquilibriumWav2vecCriterion
 from .data import receptive_field
 from .data.shards import Batching, load_shards, validation_batches
+from .models.eq_bestrq import EqBestRqModel
 from .models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint
 from .tasks.equilibrium_pretraining import discover_shards
 
@@ -31,20 +34,28 @@ logger = logging.getLogger("eqssl.gap")
 
 
 def load_model(path: str) -> tuple:
-    """The network of a wav2vec 2.0 pre-training checkpoint, and the checkpoint's config."""
+    """The network of a pre-training checkpoint (wav2vec 2.0 or BEST-RQ), and the checkpoint's config."""
     state = load_pretraining_checkpoint(path)
     model = build_from_checkpoint_config(state)
     model.load_state_dict(state["model"], strict=True)
     return model, state["cfg"]
 
 
+def pretraining_criterion(model, cfg):
+    """The equilibrium criterion of the checkpoint's model family, with its recorded settings."""
+    if isinstance(model, EqBestRqModel):
+        return EquilibriumBestRqCriterion(None)
+    criterion_cfg = cfg.get("criterion") or {}
+    return EquilibriumWav2vecCriterion(None, infonce=True, loss_weights=criterion_cfg.get("loss_weights") or [0.1, 10])
+
+
 def measure_gap(path: str, data: str, shards: List[str], args) -> Dict[str, dict]:
     """Per shard: mean loss at θ, after K inner steps, and the gap, over its validation batches."""
     model, cfg = load_model(path)
     model.eval()  # no dropout: the loss is a function of the weights, masks and negatives only
-    criterion_cfg = cfg.get("criterion") or {}
-    criterion = EquilibriumWav2vecCriterion(None, infonce=True, loss_weights=criterion_cfg.get("loss_weights") or [0.1, 10])
-    min_samples = max(args.min_sample_size, receptive_field(eval(model.cfg.conv_feature_layers)))
+    criterion = pretraining_criterion(model, cfg)
+    min_samples = max(args.min_sample_size, model.min_input_samples() if hasattr(model, "min_input_samples")
+                      else receptive_field(eval(model.cfg.conv_feature_layers)))
     sample_rate = (cfg.get("task") or {}).get("sample_rate", 16000)
     dataset = load_shards(data, shards, args.split, sample_rate, max_sample_size=args.max_sample_size,
                           min_sample_size=min_samples)

@@ -10,7 +10,7 @@ fairseq-hydra-train run in OUT/NAME (log: OUT/NAME/train.log), one thread per ru
 a time; a rerun resumes an unfinished run from its checkpoint_last.pt and skips a finished one.
 Then, from the logs, a table per setting: validation contrastive accuracy per shard against
 updates and training wall time (fairseq's ``wall``, summed over resumes), the code perplexity
-per codebook group, and chance (1 / (negatives + 1)); with --json the curves as data, with --plot
+per codebook group, and chance (1 / (negatives + 1); for BEST-RQ the majority code's share, logged per shard); with --json the curves as data, with --plot
 a figure (lowest shard's accuracy against updates and against minutes).
 """
 
@@ -24,7 +24,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -100,36 +100,52 @@ def curve(log_path: str) -> List[dict]:
                 "updates": updates, "wall_s": wall, "loss": stats.get("loss"),
                 "accuracy": {k[len("accuracy_"):]: v for k, v in stats.items() if k.startswith("accuracy_")},
                 "code_ppl": {k[len("code_ppl_"):]: v for k, v in stats.items() if k.startswith("code_ppl_")},
+                # BEST-RQ: the accuracy of always answering the most frequent code (its chance)
+                "majority": {k[len("majority_"):]: v for k, v in stats.items() if k.startswith("majority_")},
             }
     return [points[u] for u in sorted(points)]
 
 
-def negatives(overrides: List[str], recipe: str) -> int:
-    """model.num_negatives of a setting: its override, else the recipe's model file."""
+def chance_level(overrides: List[str], recipe: str) -> Optional[float]:
+    """wav2vec 2.0: 1 / (negatives + 1), negatives from the override, else the recipe's model
+    file; BEST-RQ: None (its chance is the majority code's share, logged per validation)."""
     for override in overrides:
         if override.lstrip("+").startswith("model.num_negatives="):
-            return int(override.split("=", 1)[1])
+            return 1.0 / (int(override.split("=", 1)[1]) + 1)
     with open(os.path.join(RECIPES, "pretrain", f"{recipe}.yaml")) as f:
         recipe_cfg = yaml.safe_load(f)
     model = next((d["model"] for d in recipe_cfg.get("defaults", []) if isinstance(d, dict) and "model" in d), None)
     with open(os.path.join(RECIPES, "pretrain", "model", f"{model}.yaml")) as f:
-        return int(yaml.safe_load(f).get("num_negatives", 100))
+        model_cfg = yaml.safe_load(f)
+    if model_cfg.get("_name") == "eq_bestrq":
+        return None
+    return 1.0 / (int(model_cfg.get("num_negatives", 100)) + 1)
 
 
-def table(name: str, points: List[dict], chance: float, every: int = 0) -> str:
+def lowest_over_chance(point: dict, chance: Optional[float]) -> float:
+    """The lowest shard's accuracy over its chance (the fixed chance, or its majority code)."""
+    if chance is not None:
+        return min(point["accuracy"].values()) / chance
+    return min(a / point["majority"][s] for s, a in point["accuracy"].items() if point["majority"].get(s))
+
+
+def table(name: str, points: List[dict], chance: Optional[float], every: int = 0) -> str:
     """Markdown table of a run's validations (with `every`, only those at multiples of it)."""
     points = [p for p in points if not every or p["updates"] % every == 0] or points[-1:]
     if not points:
         return f"{name}: no validation yet\n"
     shards = sorted(points[0]["accuracy"])
-    lines = [f"{name} (chance {chance:.3f})",
+    title = f"chance {chance:.3f}" if chance is not None else "chance: the majority code's share, in brackets"
+    lines = [f"{name} ({title})",
              "| updates | minutes | " + " | ".join(f"acc {s}" for s in shards) + " | min / chance | code ppl |",
              "|---:|---:|" + "---:|" * len(shards) + "---:|---:|"]
     for p in points:
         accuracy = [p["accuracy"].get(s, float("nan")) for s in shards]
+        cells = [f"{a:.3f}" if chance is not None else f"{a:.3f} ({p['majority'].get(s, float('nan')):.3f})"
+                 for s, a in zip(shards, accuracy)]
         ppl = sum(p["code_ppl"].values()) / max(len(p["code_ppl"]), 1)
-        lines.append(f"| {p['updates']} | {p['wall_s'] / 60:.1f} | " + " | ".join(f"{a:.3f}" for a in accuracy)
-                     + f" | {min(accuracy) / chance:.1f}x | {ppl:.1f} |")
+        lines.append(f"| {p['updates']} | {p['wall_s'] / 60:.1f} | " + " | ".join(cells)
+                     + f" | {lowest_over_chance(p, chance):.1f}x | {ppl:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,15 +162,14 @@ def plot(curves: Dict[str, dict], path: str, title: str) -> None:
         points = entry["points"]
         if not points:
             continue
-        lowest = [min(p["accuracy"].values()) for p in points]
+        lowest = [lowest_over_chance(p, entry["chance"]) for p in points]
         line, = axes[0].plot([p["updates"] for p in points], lowest, marker=".", label=name)
         axes[1].plot([p["wall_s"] / 60 for p in points], lowest, marker=".", color=line.get_color())
-    chance = min(entry["chance"] for entry in curves.values())
     for axis, xlabel in zip(axes, ("updates", "training minutes (one thread)")):
-        axis.axhline(chance, color="grey", linestyle=":", label="chance" if axis is axes[0] else None)
+        axis.axhline(1.0, color="grey", linestyle=":", label="chance" if axis is axes[0] else None)
         axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy, lowest shard")
+    axes[0].set_ylabel("accuracy / chance, lowest shard")
     axes[0].legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
@@ -190,7 +205,7 @@ def main() -> int:
     for name in chosen:
         log_path = os.path.join(args.out, name, "train.log")
         points = curve(log_path) if os.path.exists(log_path) else []
-        chance = 1.0 / (negatives(settings[name]["overrides"], settings[name]["recipe"]) + 1)
+        chance = chance_level(settings[name]["overrides"], settings[name]["recipe"])
         curves[name] = {"recipe": settings[name]["recipe"], "overrides": settings[name]["overrides"],
                         "chance": chance, "points": points}
         print(table(name, points, chance, args.every))

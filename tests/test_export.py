@@ -218,7 +218,7 @@ def test_refuses_existing_output_and_inputs_that_are_not_wav2vec2(pretrained, tm
     torch.save({"args": None, "cfg": {"model": {"_name": "transformer_lm"}, "task": {"_name": "language_modeling"}},
                 "model": {"w": torch.zeros(2)}, "optimizer_history": [{"num_updates": 0, "lr_scheduler_state": {}, "optimizer_name": "x"}],
                 "extra_state": {}}, other)
-    with pytest.raises(ExportError, match=f"{other}: holds a 'transformer_lm' model, not a wav2vec 2.0"):
+    with pytest.raises(ExportError, match=f"{other}: holds a 'transformer_lm' model, not a pre-training checkpoint"):
         export_checkpoint(str(other), str(tmp_path / "c.pt"))
 
     weights_only = tmp_path / "state_dict.pt"

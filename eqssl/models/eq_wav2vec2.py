@@ -55,8 +55,24 @@ class EqWav2Vec2Config(Wav2Vec2Config):
     )
 
 
-def load_pretraining_checkpoint(path: str) -> dict:
-    """Load a wav2vec 2.0 pre-training checkpoint on CPU, with a clear error for anything else."""
+# Pre-training model families eqssl trains, by the model names their checkpoints record.
+PRETRAINING_FAMILIES = {
+    "eq_wav2vec2": ("wav2vec 2.0", ("wav2vec2", "eq_wav2vec2")),
+    "eq_bestrq": ("BEST-RQ", ("eq_bestrq",)),
+}
+
+
+def checkpoint_family(name: Optional[str]) -> Optional[str]:
+    """The eqssl model (eq_wav2vec2, eq_bestrq) that builds a checkpoint's recorded model name."""
+    for family, (_, names) in PRETRAINING_FAMILIES.items():
+        if name in names or str(name).startswith(family + "_"):
+            return family
+    return None
+
+
+def load_pretraining_checkpoint(path: str, family: Optional[str] = None) -> dict:
+    """Load a pre-training checkpoint on CPU (of ``family`` if given: eq_wav2vec2 or eq_bestrq),
+    with a clear error for anything else."""
     if not os.path.isfile(path):
         raise CheckpointError(f"model.init_from={path}: no such file")
     try:
@@ -72,22 +88,28 @@ def load_pretraining_checkpoint(path: str) -> dict:
     if not isinstance(state, dict) or "model" not in state or model_cfg is None:
         raise CheckpointError(f"model.init_from={path}: not a fairseq checkpoint (no model weights/config)")
     name = model_cfg.get("_name") if hasattr(model_cfg, "get") else None
-    if name not in ("wav2vec2", "eq_wav2vec2") and not str(name).startswith("eq_wav2vec2"):
+    found = checkpoint_family(name)
+    wanted = [family] if family else list(PRETRAINING_FAMILIES)
+    if found not in wanted:
+        expected = " or ".join(f"{PRETRAINING_FAMILIES[f][0]} ({' / '.join(PRETRAINING_FAMILIES[f][1])})"
+                               for f in wanted)
         raise CheckpointError(
-            f"model.init_from={path}: holds a {name!r} model, not a wav2vec 2.0 pre-training "
-            "model (wav2vec2 / eq_wav2vec2); a fine-tuned wav2vec_ctc checkpoint cannot be pre-trained further"
+            f"model.init_from={path}: holds a {name!r} model, not a {expected} pre-training model"
+            + ("; a fine-tuned checkpoint cannot be pre-trained further" if found is None else "")
         )
     return state
 
 
-def build_from_checkpoint_config(state: dict) -> "EqWav2Vec2Model":
+def build_from_checkpoint_config(state: dict):
     """A freshly initialised network of the architecture a pre-training checkpoint records."""
+    from fairseq.models import MODEL_DATACLASS_REGISTRY, MODEL_REGISTRY
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.create(dict(state["cfg"]["model"]))
+    name = checkpoint_family(model_cfg.get("_name"))
     model_cfg.init_from = None
-    model_cfg._name = "eq_wav2vec2"
-    return EqWav2Vec2Model.build_model(merge_with_parent(EqWav2Vec2Config(), model_cfg))
+    model_cfg._name = name
+    return MODEL_REGISTRY[name].build_model(merge_with_parent(MODEL_DATACLASS_REGISTRY[name](), model_cfg))
 
 
 def save_random_init(source: str, out: str, seed: int) -> str:
@@ -125,7 +147,7 @@ class EqWav2Vec2Model(Wav2Vec2Model):
             )
         state = None
         if cfg.init_from:
-            state = load_pretraining_checkpoint(cfg.init_from)
+            state = load_pretraining_checkpoint(cfg.init_from, family="eq_wav2vec2")
             source = state["cfg"]["model"]
             with open_dict(cfg):
                 for key in ARCHITECTURE_FIELDS:

@@ -1,5 +1,9 @@
-"""fairseq task ``equilibrium_pretraining``: wav2vec 2.0 pre-training over shards with the
-equilibrium (PTLOC) update; ``inner_steps=0`` is conventional pre-training (CSSL)."""
+"""fairseq task ``equilibrium_pretraining``: self-supervised pre-training over shards with the
+equilibrium (PTLOC) update; ``inner_steps=0`` is conventional pre-training (CSSL).
+
+The task knows no model family: the criterion computes each shard's loss and logs (the interface
+is in ``eqssl.criterions.base``); eq_wav2vec2 + equilibrium_wav2vec and eq_bestrq +
+equilibrium_bestrq are the two families today."""
 
 
 import contextlib
@@ -359,7 +363,9 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 for key, value in model.actualised_config().items():
                     model_cfg[key] = value
         conv_layers = getattr(getattr(model, "cfg", None), "conv_feature_layers", None)
-        if conv_layers is not None:
+        if hasattr(model, "min_input_samples"):
+            self.min_samples = max(self.cfg.min_sample_size or 0, model.min_input_samples())
+        elif conv_layers is not None:
             self.min_samples = max(self.cfg.min_sample_size or 0, receptive_field(eval(conv_layers)))
         return model
 
