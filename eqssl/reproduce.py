@@ -79,8 +79,13 @@ class PretrainRun:
     """For a compute-matched baseline: the PTLOC run whose passes it matches."""
 
 
-def load_settings(size_or_path: str) -> dict:
-    """The experiment settings: recipes/reproduce/<size>.yaml, or a YAML file path."""
+FAMILIES = {"wav2vec2": "", "bestrq": "bestrq_"}
+"""Model families eqssl-reproduce runs: --model NAME picks recipes/pretrain/{cssl,ptloc}_<prefix><model>."""
+
+
+def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
+    """The experiment settings: recipes/reproduce/<size>.yaml, or a YAML file path; for a model
+    family other than wav2vec 2.0 the fields under ``families.<family>`` replace the top-level ones."""
     path = size_or_path if size_or_path.endswith((".yaml", ".yml")) else os.path.join(
         RECIPES, "reproduce", f"{size_or_path}.yaml")
     if not os.path.exists(path):
@@ -98,6 +103,14 @@ def load_settings(size_or_path: str) -> dict:
             f"{path}: cssl1.patience is no longer read: CSSL.1 runs a fixed budget of cssl1.max_update "
             "updates (patience on a loss that barely moves on wav2vec 2.0's early plateau stopped runs "
             "at chance); remove the field")
+    if family not in FAMILIES:
+        raise ReproduceError(f"--model {family}: unknown model family; choose one of {', '.join(FAMILIES)}")
+    if family != "wav2vec2":
+        if family not in (settings.get("families") or {}):
+            raise ReproduceError(f"{path}: no families.{family} section: the wav2vec 2.0 overrides of this "
+                                 f"file do not apply to {family}; add the section (it may be empty: {{}})")
+        settings.update(settings["families"][family])
+    settings["family"] = family
     settings["path"] = os.path.abspath(path)
     return settings
 
@@ -105,6 +118,7 @@ def load_settings(size_or_path: str) -> dict:
 def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
     """Every pre-training run of one seed, in an order where each run's start exists before it."""
     model, ptloc, gap = settings["model"], settings["ptloc"], settings["gap"]
+    model = FAMILIES[settings.get("family", "wav2vec2")] + str(model)
     interval = settings["validate_interval_updates"]
     common = [f"++task.validation_gap_steps={gap['inner_steps']}", f"++task.validation_gap_lr={gap['inner_lr']}",
               f"dataset.validate_interval_updates={interval}", f"checkpoint.save_interval_updates={interval}",
@@ -227,21 +241,25 @@ def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
 
 
 def checkpoint_updates(path: str) -> tuple:
-    """(num_updates, task config, chance accuracy of the contrastive task) of a fairseq checkpoint."""
+    """(num_updates, task config, chance accuracy) of a fairseq pre-training checkpoint; chance is
+    1 / (negatives + 1) for wav2vec 2.0 and None for BEST-RQ (read from its log: ``log_chance``)."""
     from .models.eq_wav2vec2 import load_pretraining_checkpoint
 
     state = load_pretraining_checkpoint(path)
-    chance = 1.0 / (int(state["cfg"]["model"].get("num_negatives", 100)) + 1)
+    model_cfg = state["cfg"]["model"]
+    chance = None if str(model_cfg.get("_name")).startswith("eq_bestrq") else \
+        1.0 / (int(model_cfg.get("num_negatives", 100)) + 1)
     return int(state["optimizer_history"][-1]["num_updates"]), state["cfg"]["task"], chance
 
 
-def last_validation_accuracy(log_path: str) -> Dict[str, float]:
-    """Per shard, the contrastive accuracy of the last validation in a fairseq training log."""
+def last_validation_accuracy(log_path: str, key: str = "accuracy") -> Dict[str, float]:
+    """Per shard, ``key`` (the accuracy; for BEST-RQ also ``majority``, the majority code's share)
+    at the last validation in a fairseq training log."""
     accuracy: Dict[str, float] = {}
     with open(log_path) as f:
         for line in f:
             if "valid on 'valid' subset" in line:
-                accuracy = {m.group(1): float(m.group(2)) for m in re.finditer(r"\| accuracy_(\S+) ([-\d.]+)", line)}
+                accuracy = {m.group(1): float(m.group(2)) for m in re.finditer(rf"\| {key}_(\S+) ([-\d.]+)", line)}
     return accuracy
 
 
@@ -303,6 +321,9 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
     updates, task_cfg, chance = checkpoint_updates(os.path.join(folder, "checkpoint_last.pt"))
     accuracy = last_validation_accuracy(os.path.join(folder, "train.log"))
+    if chance is None:  # BEST-RQ: the largest majority-code share over the shards (conservative)
+        chance = max(last_validation_accuracy(os.path.join(folder, "train.log"), "majority").values(),
+                     default=math.nan)
     gap = measure(chain, os.path.join(folder, run.checkpoint))
     record = mark_finished(
         folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
@@ -576,16 +597,21 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
                     "mdd_relative": mdd / reference if reference else math.nan,
                     "seeds_for_5_percent_relative": seeds_needed(pooled, 0.05 * reference)
                     if reference and pooled > 0 else None}
-    return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable}
+    return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable,
+            "family": settings.get("family", "wav2vec2")}
 
 
 LEARNED = 2.0
 """CSSL.1 has left chance when its lowest shard's validation accuracy is this many times chance."""
 
 
-def learning_verdict(cssl1: dict, chance: float) -> str:
-    """One plain sentence: did CSSL.1 leave wav2vec 2.0's early plateau, and what that means here."""
+def learning_verdict(cssl1: dict, chance: float, family: str = "wav2vec2") -> str:
+    """One plain sentence: did CSSL.1 leave chance (wav2vec 2.0's early plateau), and what that means."""
     lowest = min(stat["mean"] for stat in cssl1["valid_accuracy"].values())
+    if family == "bestrq" and lowest < LEARNED * chance:
+        return (f"**CSSL.1 is still near chance** (masked-code accuracy {lowest:.3f} on its lowest shard, "
+                f"majority code {chance:.3f}): this budget is too short for BEST-RQ to learn, so no row below "
+                "can show whether pre-training or PTLOC helps; run the `small` settings.")
     if lowest >= LEARNED * chance:
         return (f"CSSL.1 learned: validation accuracy {lowest:.3f} on its lowest shard, {lowest / chance:.1f}x "
                 "chance; the downstream rows below compare models that learned.")
@@ -629,8 +655,11 @@ def markdown(preset: str, result: dict) -> str:
     if pretrained:
         shards = list(next(iter(pretrained.values()))["valid_accuracy"])
         chance = next(iter(pretrained.values()))["chance"]
-        lines += [f"### {preset}: did pre-training learn? Validation contrastive accuracy per shard at the end "
-                  f"of each run (chance {chance:.3f})", "",
+        family = result.get("family", "wav2vec2")
+        what = ("masked-code accuracy" if family == "bestrq" else "contrastive accuracy")
+        chance_is = ("chance: the largest majority-code share" if family == "bestrq" else "chance")
+        lines += [f"### {preset}: did pre-training learn? Validation {what} per shard at the end "
+                  f"of each run ({chance_is} {chance:.3f})", "",
                   "| checkpoint | " + " | ".join(shards) + " | lowest / chance | updates per seed |",
                   "|---|" + "---|" * (len(shards) + 2)]
         for row in pretrained.values():
@@ -638,7 +667,7 @@ def markdown(preset: str, result: dict) -> str:
             lines.append(f"| {row['label']} | " + " | ".join(f"{row['valid_accuracy'][s]['mean']:.3f}" for s in shards)
                          + f" | {lowest / chance:.1f}x | {next(iter(row['num_updates'].values()))} |")
         if "cssl.1" in pretrained:
-            lines += ["", learning_verdict(pretrained["cssl.1"], chance)]
+            lines += ["", learning_verdict(pretrained["cssl.1"], chance, family)]
         lines.append("")
     for measure, title in MEASURES.items():
         shown = {n: r for n, r in rows.items() if r[measure]}
@@ -697,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", nargs="+", default=["multidomain"], choices=sorted(PRESETS))
     parser.add_argument("--size", default="tiny", help="tiny, small, full, or a settings .yaml file")
+    parser.add_argument("--model", default="wav2vec2", choices=sorted(FAMILIES),
+                        help="model family: wav2vec2 (eq_wav2vec2) or bestrq (eq_bestrq, the paper's); "
+                        "the recipes are recipes/pretrain/{cssl,ptloc}_[bestrq_]<size's model>.yaml")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N (training and fine-tuning)")
     parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -711,7 +743,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit("eqssl-reproduce: --seeds and --jobs must be at least 1")
     try:
-        settings = load_settings(args.size)
+        settings = load_settings(args.size, args.model)
         for preset in args.preset:
             finetune_sets(preset, settings)  # fail on a bad set or run name before any work
             names = [r.name for r in plan_pretraining(preset, settings)] + [CONTROL]

@@ -245,3 +245,32 @@ def test_small_settings_compose(name):
     assert "max_tokens: 480000" in result.stdout and "feature_grad_mult: 1.0" in result.stdout
     temperature = [0.5, 0.5, 1.0] if run_.init_from else [2.0, 0.5, 0.995]
     assert "latent_temp:\n" + "".join(f"  - {t}\n" for t in temperature) in result.stdout, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("size", ["small", "full"])
+def test_bestrq_family_runs_compose(size):
+    """--model bestrq runs the same plan with the BEST-RQ recipes (eq_bestrq, its criterion), and
+    none of the wav2vec 2.0 overrides (Gumbel temperature) leak into it."""
+    from eqssl.reproduce import load_settings, plan_pretraining, pretrain_command
+
+    settings = load_settings(size, "bestrq")
+    plan = plan_pretraining("multidomain", settings)
+    assert [r.name for r in plan] == [r.name for r in plan_pretraining("multidomain", load_settings(size))]
+    for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.k1")):
+        assert run_.recipe.startswith(("cssl_bestrq_", "ptloc_bestrq_"))
+        assert not any("latent_temp" in o for o in run_.overrides)
+        command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
+        result = run([*command, "--cfg", "job"])
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "_name: eq_bestrq" in result.stdout and "_name: equilibrium_bestrq" in result.stdout
+
+
+def test_a_family_without_its_settings_section_is_refused(tmp_path):
+    """A settings file written for wav2vec 2.0 only is not silently reused for BEST-RQ."""
+    from eqssl.reproduce import ReproduceError, load_settings
+
+    text = (REPO / "recipes/reproduce/small.yaml").read_text().split("\nfamilies:")[0]
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ReproduceError, match=r"mine.yaml: no families.bestrq section"):
+        load_settings(str(path), "bestrq")
