@@ -109,7 +109,9 @@ def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
         if family not in (settings.get("families") or {}):
             raise ReproduceError(f"{path}: no families.{family} section: the wav2vec 2.0 overrides of this "
                                  f"file do not apply to {family}; add the section (it may be empty: {{}})")
-        settings.update(settings["families"][family])
+        for key, value in settings["families"][family].items():  # mappings are merged one level deep
+            merge = isinstance(value, dict) and isinstance(settings.get(key), dict)
+            settings[key] = {**settings[key], **value} if merge else value
     settings["family"] = family
     settings["path"] = os.path.abspath(path)
     return settings

@@ -2,6 +2,7 @@
 
     python examples/benchmark_update_cost.py --arch eq_wav2vec2_tiny --shards 2 4 8 --inner-steps 0 1 3
     python examples/benchmark_update_cost.py --arch eq_wav2vec2_base --shards 2 --inner-steps 1 --profile 1
+    python examples/benchmark_update_cost.py --arch eq_bestrq_tiny     (BEST-RQ: its criterion is chosen by the arch)
 
 Each (M shards, K) runs in a fresh process (so peak memory is its own) on a generated corpus
 of M shards, does ``--warmup`` updates, then times ``--updates`` updates on the same batch.
@@ -56,11 +57,13 @@ def build_trainer(args):
     device = ["--cpu"] if not torch.cuda.is_available() else []
     argv = [
         corpus, "--user-dir", os.path.dirname(eqssl.__file__), "--task", "equilibrium_pretraining",
-        "--criterion", "equilibrium_wav2vec", "--arch", args.arch, *device,
+        "--criterion", "equilibrium_bestrq" if args.arch.startswith("eq_bestrq") else "equilibrium_wav2vec",
+        "--arch", args.arch, *device,
         "--inner-steps", str(args.k), "--max-tokens", str(args.max_tokens),
         "--max-sample-size", str(args.max_tokens // 2), "--min-sample-size", "8000",
         "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "1e-5",
-        "--loss-weights", "[0.1, 10]", "--num-workers", "0", "--no-save", "--seed", "1",
+        *([] if args.arch.startswith("eq_bestrq") else ["--loss-weights", "[0.1, 10]"]),
+        "--num-workers", "0", "--no-save", "--seed", "1",
         "--shard-batch-size", "equal", *args.fairseq_args,
     ]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))

@@ -254,6 +254,11 @@ def test_bestrq_family_runs_compose(size):
     from eqssl.reproduce import load_settings, plan_pretraining, pretrain_command
 
     settings = load_settings(size, "bestrq")
+    wav2vec2 = load_settings(size)
+    # the family's fine-tuning recipe, merged into the rest of the fine-tuning settings
+    assert settings["finetune"]["recipe"].startswith("ctc_bestrq_")
+    assert {k: v for k, v in settings["finetune"].items() if k != "recipe"} == \
+        {k: v for k, v in wav2vec2["finetune"].items() if k != "recipe"}
     plan = plan_pretraining("multidomain", settings)
     assert [r.name for r in plan] == [r.name for r in plan_pretraining("multidomain", load_settings(size))]
     for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.k1")):
