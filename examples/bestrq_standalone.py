@@ -53,9 +53,11 @@ def load(path: str) -> Tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
 
 
 def greedy_transcript(logits: torch.Tensor, vocabulary: list) -> str:
-    """Best path, repeats merged, blanks (index 0) dropped, '|' as the word boundary."""
+    """Best path, repeats merged, blanks (index 0) and fairseq's other specials (<pad>, </s>)
+    dropped as eqssl-evaluate does, '|' as the word boundary."""
+    skip = {0} | {i for i, symbol in enumerate(vocabulary) if symbol in ("<pad>", "</s>")}
     best = torch.unique_consecutive(logits.argmax(-1)).tolist()
-    return "".join(vocabulary[i] for i in best if i != 0).replace("|", " ").strip()
+    return "".join(vocabulary[i] for i in best if i not in skip).replace("|", " ").strip()
 
 
 def main() -> int:

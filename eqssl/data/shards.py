@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 from fairseq.data import FairseqDataset, FileAudioDataset, data_utils
 
 from .manifests import DataError, check_audio, read_manifest
@@ -46,6 +47,8 @@ class ShardedAudioDataset(FairseqDataset):
         self.datasets = list(shards.values())
         self.offsets = np.cumsum([0] + [len(d) for d in self.datasets]).tolist()
         self.sizes = np.concatenate([np.asarray(d.sizes) for d in self.datasets])
+        self.audio_dtype: Optional[torch.dtype] = None
+        """Set by the task from the model: the dtype of the collated audio (None: float32)."""
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -81,6 +84,8 @@ class ShardedAudioDataset(FairseqDataset):
         batches = OrderedDict()
         for shard, items in sorted(by_shard.items()):
             batch = self.datasets[shard].collater(self._crop(shard, items))
+            if batch and self.audio_dtype is not None:
+                batch["net_input"]["source"] = batch["net_input"]["source"].to(self.audio_dtype)
             if batch:
                 batches[self.names[shard]] = batch
         if not batches:

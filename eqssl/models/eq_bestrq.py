@@ -149,6 +149,48 @@ def check_init_checkpoint(path: str, cfg: EqBestRqConfig) -> dict:
     return state
 
 
+def _padded_convolution(module, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """torchaudio's Conformer convolution module on (B, T, C) with padded frames kept out: they
+    are zeroed before the depthwise convolution (the zeros an unpadded clip sees past its end)
+    and left out of the GroupNorm's statistics. torchaudio convolves and normalises over the
+    padding, so a clip's output would depend on the longest clip of its batch."""
+    pointwise, glu, depthwise, norm, activation, pointwise_out, dropout = module.sequential
+    if not isinstance(norm, nn.GroupNorm) or norm.num_groups != 1:
+        raise TypeError("eq_bestrq's Conformer must use GroupNorm(1, channels) (use_group_norm=True)")
+    valid = (~padding).unsqueeze(1)  # (B, 1, T)
+    y = depthwise(glu(pointwise(module.layer_norm(x).transpose(1, 2))).masked_fill(~valid, 0.0))
+    count = valid.sum(-1, keepdim=True).float() * y.shape[1]  # (B, 1, 1) values per clip
+    y32 = y.float().masked_fill(~valid, 0.0)
+    mean = y32.sum((1, 2), keepdim=True) / count
+    var = ((y32 - mean).masked_fill(~valid, 0.0) ** 2).sum((1, 2), keepdim=True) / count
+    y = ((y32 - mean) * torch.rsqrt(var + norm.eps)).to(y.dtype)
+    y = y * norm.weight[:, None] + norm.bias[:, None]
+    return dropout(pointwise_out(activation(y))).transpose(1, 2)
+
+
+def conformer_block(block, x: torch.Tensor, padding: Optional[torch.Tensor]) -> torch.Tensor:
+    """torchaudio's ``ConformerLayer.forward`` on (T, B, C), ``padding`` (B, T) True at padding,
+    with the convolution module of :func:`_padded_convolution`: a clip's frames come out the same
+    in any batch (without padding it is torchaudio's own forward)."""
+    if padding is None:
+        return block(x, None)
+
+    def convolution(x):
+        return x + _padded_convolution(block.conv_module, x.transpose(0, 1), padding).transpose(0, 1)
+
+    x = block.ffn1(x) * 0.5 + x
+    if block.convolution_first:
+        x = convolution(x)
+    residual = x
+    x = block.self_attn_layer_norm(x)
+    x, _ = block.self_attn(query=x, key=x, value=x, key_padding_mask=padding, need_weights=False)
+    x = block.self_attn_dropout(x) + residual
+    if not block.convolution_first:
+        x = convolution(x)
+    x = block.ffn2(x) * 0.5 + x
+    return block.final_layer_norm(x)
+
+
 # Keys fairseq's wav2vec_ctc wrapper writes into any encoder's config before building it.
 CTC_WRAPPER_KEYS = ("checkpoint_activations", "layer_type", "adp_num", "adp_dim", "adp_act_fn", "adp_trf_idx")
 
@@ -167,6 +209,11 @@ def _without_wrapper_keys(cfg):
 @register_model("eq_bestrq", dataclass=EqBestRqConfig)
 class EqBestRqModel(BaseFairseqModel):
     """BEST-RQ with a torchaudio Conformer; see the module docstring."""
+
+    audio_dtype = torch.float64
+    """The dtype the task hands the audio in: fairseq's fp16/bf16 trainer casts every float32
+    tensor of a batch to 16 bits, which would change the log-mel features and so the targets
+    (2-12 % of them on a toy batch); float64 it leaves alone."""
 
     def __init__(self, cfg: EqBestRqConfig) -> None:
         super().__init__()
@@ -266,7 +313,7 @@ class EqBestRqModel(BaseFairseqModel):
         key_padding = frame_padding if frame_padding.any() else None
         layer_results: List[tuple] = []
         for i, block in enumerate(self.encoder.conformer_layers):
-            x = block(x, key_padding)
+            x = conformer_block(block, x, key_padding)
             layer_results.append((x, None, None))
             if layer is not None and i == layer:
                 break
@@ -280,8 +327,11 @@ class EqBestRqModel(BaseFairseqModel):
         targets = self.quantizer(features)
         masked_features, masked = self._mask(features, frame_padding)
         x = self.input_projection(masked_features.to(self.input_projection.weight.dtype))
-        x = self.dropout_input(x.masked_fill(frame_padding[..., None], 0.0))
-        x, _ = self.encoder(x, (~frame_padding).sum(1))
+        x = self.dropout_input(x.masked_fill(frame_padding[..., None], 0.0)).transpose(0, 1)
+        key_padding = frame_padding if frame_padding.any() else None
+        for block in self.encoder.conformer_layers:
+            x = conformer_block(block, x, key_padding)
+        x = x.transpose(0, 1)
         return {"logits": self.head(x[masked]).float(), "targets": targets[masked],
                 "frames": int((~frame_padding).sum())}
 

@@ -239,6 +239,9 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
         # Set by build_model: clips shorter than the feature encoder's receptive field give no frame.
         self.min_samples = max(cfg.min_sample_size or 0, 400)
         self._reported_skips = set()
+        # Set by build_model from the model (BEST-RQ: float64, which fairseq's fp16/bf16 trainer
+        # leaves alone, so the log-mel features and its targets are those of fp32)
+        self.audio_dtype: Optional[torch.dtype] = None
 
     def _check_resume_checkpoint(self) -> None:
         """Before fairseq loads it: checkpoint_last repaired if a kill truncated it, and any other
@@ -259,6 +262,7 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
             pad=self.cfg.enable_padding, normalize=self.cfg.normalize,
             num_buckets=self.cfg.num_batch_buckets,
         )
+        self.datasets[split].audio_dtype = self.audio_dtype
         if split == self.cfg.train_subset:
             self._log_update_size(self.datasets[split])
 
@@ -363,6 +367,10 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 for key, value in model.actualised_config().items():
                     model_cfg[key] = value
         conv_layers = getattr(getattr(model, "cfg", None), "conv_feature_layers", None)
+        self.audio_dtype = getattr(model, "audio_dtype", None)
+        for dataset in self.datasets.values():
+            if isinstance(dataset, ShardedAudioDataset):
+                dataset.audio_dtype = self.audio_dtype
         if hasattr(model, "min_input_samples"):
             self.min_samples = max(self.cfg.min_sample_size or 0, model.min_input_samples())
         elif conv_layers is not None:
