@@ -32,16 +32,16 @@ setup(
     extras_require={"test": ["pytest>=8"], "plots": ["matplotlib>=3.8"]},
     entry_points={
         "console_scripts": [
-            "eqssl-make-toy-corpus=eqssl.toy_corpus:main",
-            "eqssl-user-dir=eqssl.user_dir:main",
-            "eqssl-gap=eqssl.gap:main",
+            "eqssl-make-toy-corpus=eqssl.corpus.toy:main",
+            "eqssl-user-dir=eqssl.cli.user_dir:main",
+            "eqssl-gap=eqssl.cli.gap:main",
             "eqssl-make-corpus=eqssl.corpus.make_corpus:main",
             "eqssl-import=eqssl.corpus.import_cli:main",
-            "eqssl-train-spm=eqssl.spm:main",
-            "eqssl-evaluate=eqssl.evaluate:main",
-            "eqssl-probe=eqssl.probe:main",
-            "eqssl-export=eqssl.export:main",
-            "eqssl-reproduce=eqssl.reproduce:main",
+            "eqssl-train-spm=eqssl.cli.spm:main",
+            "eqssl-evaluate=eqssl.cli.evaluate:main",
+            "eqssl-probe=eqssl.cli.probe:main",
+            "eqssl-export=eqssl.cli.export:main",
+            "eqssl-reproduce=eqssl.cli.reproduce:main",
         ]
     },
 )

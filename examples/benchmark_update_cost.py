@@ -29,7 +29,7 @@ import time
 
 def make_shards(workdir: str, shards: int) -> str:
     """A corpus of ``shards`` manifest folders over the toy corpus's audio (4 domains, reused)."""
-    from eqssl.toy_corpus import make_corpus
+    from eqssl.corpus.toy import make_corpus
 
     base = os.path.join(workdir, "toy")
     if not os.path.exists(base):

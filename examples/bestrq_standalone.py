@@ -11,7 +11,6 @@ import sys
 from typing import Callable, Tuple
 
 import torch
-import torch.nn.functional as F
 import torchaudio
 
 

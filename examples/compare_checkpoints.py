@@ -26,10 +26,10 @@ import os
 import subprocess
 import sys
 
-from eqssl.evaluate import evaluate
+from eqssl.cli.evaluate import evaluate
 from eqssl.models.eq_wav2vec2 import save_random_init
-from eqssl.probe import ProbeConfig, Upstream, probe
-from eqssl.reproduce import finetune_command, new_path
+from eqssl.cli.probe import ProbeConfig, Upstream, probe
+from eqssl.cli.reproduce import finetune_command, new_path
 
 
 def named(items):

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from eqssl.reproduce import RECIPES
+from eqssl.cli.reproduce import RECIPES
 
 USER_DIR = os.path.join(os.path.dirname(RECIPES), "eqssl")
 VALID = re.compile(r"valid on 'valid' subset \| (.*)$")

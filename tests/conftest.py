@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eqssl.toy_corpus import make_corpus
+from eqssl.corpus.toy import make_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

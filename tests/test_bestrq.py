@@ -33,9 +33,9 @@ from fairseq.trainer import Trainer
 from omegaconf import open_dict
 
 from eqssl.checkpoints import CheckpointError
-from eqssl.evaluate import decode_set, greedy_decode, load_checkpoint, load_test_set
+from eqssl.cli.evaluate import decode_set, greedy_decode, load_checkpoint, load_test_set
 from eqssl.tasks.equilibrium_pretraining import batch_seed
-from eqssl.toy_corpus import make_corpus
+from eqssl.corpus.toy import make_corpus
 
 from conftest import BIN, REPO, TRAIN_FLAGS, comm_records, fairseq_train, free_port, run, train_log_values
 from test_bad_input import assert_stopped_before_training, rewrite_clip, tone

@@ -1,4 +1,4 @@
-"""eqssl.evaluate: scoring and greedy CTC by hand, then a real fine-tuned checkpoint end to end.
+"""eqssl.cli.evaluate: scoring and greedy CTC by hand, then a real fine-tuned checkpoint end to end.
 
 The end-to-end fixture generates the multilingual tiny corpus, pre-trains a tiny eqssl model
 (2 updates), fine-tunes it with recipes/finetune/ctc_tiny.yaml on the Swedish set (20 updates)
@@ -16,7 +16,7 @@ import torch
 from fairseq.data import Dictionary
 
 from conftest import REPO, fairseq_train, run
-from eqssl.evaluate import greedy_decode, main, score
+from eqssl.cli.evaluate import greedy_decode, main, score
 
 TURKISH_I = "\u0130"  # İ, one code point (NFC)
 
@@ -130,7 +130,7 @@ def copy_set(source: Path, target: Path, split: str = "test") -> Path:
 
 
 def evaluate_in_process(capsys, *argv) -> tuple:
-    """(exit status, stdout, stderr) of eqssl.evaluate.main, run here (no interpreter start-up)."""
+    """(exit status, stdout, stderr) of eqssl.cli.evaluate.main, run here (no interpreter start-up)."""
     status = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return status, captured.out, captured.err
@@ -138,7 +138,7 @@ def evaluate_in_process(capsys, *argv) -> tuple:
 
 def test_cli_scores_swedish_test_set(checkpoints, labelled, tmp_path):
     out_json, out_md = tmp_path / "scores.json", tmp_path / "scores.md"
-    result = run(["python", "-m", "eqssl.evaluate", checkpoints["finetuned"],
+    result = run(["python", "-m", "eqssl.cli.evaluate", checkpoints["finetuned"],
                   f"sv={labelled / 'sv'}:test", "--json", out_json, "--markdown", out_md,
                   "--batch-size", "3", "--device", "cpu"])
     assert result.returncode == 0, result.stdout[-3000:]
@@ -179,7 +179,7 @@ def test_ltr_references_when_no_wrd_give_the_same_scores(checkpoints, labelled, 
 
 def test_turkish_against_a_swedish_model_is_a_dictionary_mismatch(checkpoints, labelled, tmp_path):
     out_json = tmp_path / "scores.json"
-    result = run(["python", "-m", "eqssl.evaluate", checkpoints["finetuned"], f"sv={labelled / 'sv'}:test",
+    result = run(["python", "-m", "eqssl.cli.evaluate", checkpoints["finetuned"], f"sv={labelled / 'sv'}:test",
                   f"tr={labelled / 'tr'}:test", "--json", out_json])
     assert result.returncode == 2, result.stdout[-3000:]
     assert f"{labelled / 'tr' / 'dict.ltr.txt'}: dictionary mismatch" in result.stdout

@@ -8,8 +8,8 @@ import pytest
 from fairseq import checkpoint_utils
 
 from conftest import REPO, fairseq_train, run
-from eqssl.evaluate import evaluate, greedy_decode
-from eqssl.spm import main as train_spm
+from eqssl.cli.evaluate import evaluate, greedy_decode
+from eqssl.cli.spm import main as train_spm
 
 
 def valid_values(output: str, key: str) -> list:

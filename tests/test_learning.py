@@ -7,7 +7,7 @@ import re
 
 from conftest import REPO, run
 
-from eqssl.toy_corpus import make_corpus
+from eqssl.corpus.toy import make_corpus
 
 UPDATES = 300
 CHANCE = 1 / 11  # 10 negatives

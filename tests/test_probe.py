@@ -11,7 +11,7 @@ from conftest import REPO, run
 
 from eqssl.models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint, save_random_init
 from eqssl.checkpoints import file_sha256
-from eqssl.probe import ProbeConfig, Upstream, probe
+from eqssl.cli.probe import ProbeConfig, Upstream, probe
 
 CFG = ProbeConfig(updates=20, batch_size=4, seed=3)
 

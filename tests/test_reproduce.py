@@ -195,7 +195,7 @@ def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experimen
 def test_gpu_size_settings_compose(name):
     """The `full` (BASE, GPU) experiment is not run here; each kind of its runs composes in
     fairseq-hydra-train with the overrides eqssl-reproduce gives it (--cfg job runs nothing)."""
-    from eqssl.reproduce import finetune_command, load_settings, plan_pretraining, pretrain_command
+    from eqssl.cli.reproduce import finetune_command, load_settings, plan_pretraining, pretrain_command
 
     settings = load_settings("full")
     if name == "finetune":
@@ -235,7 +235,7 @@ def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
 def test_small_settings_compose(name):
     """The `small` experiment's runs compose with its recipes; every run continued from another
     keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
-    from eqssl.reproduce import load_settings, plan_pretraining, pretrain_command
+    from eqssl.cli.reproduce import load_settings, plan_pretraining, pretrain_command
 
     settings = load_settings("small")
     run_ = {r.name: r for r in plan_pretraining("multilingual", settings)}[name]
@@ -251,7 +251,7 @@ def test_small_settings_compose(name):
 def test_bestrq_family_runs_compose(size):
     """--model bestrq runs the same plan with the BEST-RQ recipes (eq_bestrq, its criterion), and
     none of the wav2vec 2.0 overrides (Gumbel temperature) leak into it."""
-    from eqssl.reproduce import load_settings, plan_pretraining, pretrain_command
+    from eqssl.cli.reproduce import load_settings, plan_pretraining, pretrain_command
 
     settings = load_settings(size, "bestrq")
     wav2vec2 = load_settings(size)
@@ -272,7 +272,7 @@ def test_bestrq_family_runs_compose(size):
 
 def test_a_family_without_its_settings_section_is_refused(tmp_path):
     """A settings file written for wav2vec 2.0 only is not silently reused for BEST-RQ."""
-    from eqssl.reproduce import ReproduceError, load_settings
+    from eqssl.cli.reproduce import ReproduceError, load_settings
 
     text = (REPO / "recipes/reproduce/small.yaml").read_text().split("\nfamilies:")[0]
     path = tmp_path / "mine.yaml"

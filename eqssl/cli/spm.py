@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 import sentencepiece
 
-from .corpus.labels import write_files
+from ..corpus.labels import write_files
 
 
 def train(prefix: str, transcripts: Sequence[str], vocab_size: int) -> sentencepiece.SentencePieceProcessor:

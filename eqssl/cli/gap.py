@@ -20,17 +20,17 @@ import numpy as np
 import torch
 from fairseq.data import data_utils
 
-from .bilevel import equilibrium_backward
-from .criterions.base import LN2
-from .criterions.equilibrium_bestrq import EquilibriumBestRqCriterion
-from .criterions.equilibrium_wav2vec import EquilibriumWav2vecCriterion
-from .data import receptive_field
-from .data.shards import Batching, load_shards, validation_batches
-from .models.eq_bestrq import EqBestRqModel
-from .models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint
-from .tasks.equilibrium_pretraining import discover_shards
+from ..bilevel import equilibrium_backward
+from ..criterions.base import LN2
+from ..criterions.equilibrium_bestrq import EquilibriumBestRqCriterion
+from ..criterions.equilibrium_wav2vec import EquilibriumWav2vecCriterion
+from ..data import receptive_field
+from ..data.shards import Batching, load_shards, validation_batches
+from ..models.eq_bestrq import EqBestRqModel
+from ..models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint
+from ..tasks.equilibrium_pretraining import discover_shards
 
-logger = logging.getLogger("eqssl.gap")
+logger = logging.getLogger("eqssl.cli.gap")
 
 
 def load_model(path: str) -> tuple:

@@ -5,7 +5,7 @@ import os
 
 def user_dir() -> str:
     """The absolute path of the installed ``eqssl`` package."""
-    return os.path.dirname(os.path.abspath(__file__))
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:

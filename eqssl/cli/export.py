@@ -1,7 +1,7 @@
 """Export eqssl checkpoints so that they load without eqssl: ``eqssl-export IN OUT``.
 
 BEST-RQ (eq_bestrq) checkpoints, which fairseq has no model for, are written as plain PyTorch
-data by ``eqssl.export_bestrq``; the rest of this docstring is about wav2vec 2.0.
+data by ``eqssl.cli.export_bestrq``; the rest of this docstring is about wav2vec 2.0.
 
 eqssl's checkpoints name its own components (model ``eq_wav2vec2``, task
 ``equilibrium_pretraining``, criterion ``equilibrium_wav2vec``, ``common.user_dir``), so loading

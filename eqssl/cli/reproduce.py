@@ -46,10 +46,12 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from .checkpoints import file_sha256
-from .corpus.presets import PRESETS
+from ..checkpoints import file_sha256
+from ..corpus.presets import PRESETS
 
-RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The eqssl package folder: fairseq's --user-dir."""
+RECIPES = os.path.join(os.path.dirname(PACKAGE), "recipes")
 MARKER = "eqssl_stage.json"
 CONTROL, CONTROL_LABEL = "none", "No pre-training (random init)"
 FBANK_LABEL = "FBANK (probe only)"
@@ -245,7 +247,7 @@ def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
 def checkpoint_updates(path: str) -> tuple:
     """(num_updates, task config, chance accuracy) of a fairseq pre-training checkpoint; chance is
     1 / (negatives + 1) for wav2vec 2.0 and None for BEST-RQ (read from its log: ``log_chance``)."""
-    from .models.eq_wav2vec2 import load_pretraining_checkpoint
+    from ..models.eq_wav2vec2 import load_pretraining_checkpoint
 
     state = load_pretraining_checkpoint(path)
     model_cfg = state["cfg"]["model"]
@@ -302,7 +304,7 @@ def pretrain_command(run: PretrainRun, data: str, save_dir: str, seed: int, init
     """The fairseq-hydra-train command of one pre-training run of the experiment."""
     return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "pretrain"), "--config-name", run.recipe,
             f"++task.data={os.path.abspath(data)}", f"checkpoint.save_dir={os.path.abspath(save_dir)}",
-            f"common.seed={seed}", f"common.user_dir={os.path.dirname(os.path.abspath(__file__))}", *run.overrides,
+            f"common.seed={seed}", f"common.user_dir={PACKAGE}", *run.overrides,
             *([f"++model.init_from={os.path.abspath(init)}"] if init else [])]
 
 
@@ -342,7 +344,7 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
 
 def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
     """Stage: the no-pre-training control, CSSL.1's architecture with fresh weights (seed: the chain's)."""
-    from .models.eq_wav2vec2 import save_random_init
+    from ..models.eq_wav2vec2 import save_random_init
 
     folder = os.path.join(chain.folder, CONTROL)
     record = finished(folder)
@@ -361,7 +363,7 @@ def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
 def measure(chain: Chain, checkpoint: str) -> Dict[str, dict]:
     """eqssl-gap of one checkpoint on the validation batches of every pre-training shard."""
     from .gap import measure_gap
-    from .tasks.equilibrium_pretraining import discover_shards
+    from ..tasks.equilibrium_pretraining import discover_shards
 
     gap = chain.settings["gap"]
     data = os.path.join(chain.corpus, "pretrain")
@@ -376,7 +378,7 @@ def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, ove
     return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "finetune"), "--config-name", recipe,
             f"task.data={os.path.abspath(data)}", f"model.w2v_path={os.path.abspath(pretrained)}",
             f"checkpoint.save_dir={os.path.abspath(save_dir)}",
-            f"common.user_dir={os.path.dirname(os.path.abspath(__file__))}", *overrides]
+            f"common.user_dir={PACKAGE}", *overrides]
 
 
 def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
@@ -414,7 +416,7 @@ def probe_config(chain: Chain):
 
 def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str], set_name: str) -> dict:
     """Stage: the frozen-upstream probe of one checkpoint (or FBANK) on one set, with its test WER / CER;
-    ``upstream``: an eqssl.probe.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
+    ``upstream``: an eqssl.cli.probe.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
     import torch
 
     from .probe import probe

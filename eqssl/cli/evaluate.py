@@ -1,6 +1,6 @@
 """Greedy CTC evaluation of a fine-tuned wav2vec 2.0 checkpoint on labelled test sets.
 
-    python -m eqssl.evaluate CHECKPOINT NAME=FOLDER:SPLIT [NAME=FOLDER:SPLIT ...]
+    python -m eqssl.cli.evaluate CHECKPOINT NAME=FOLDER:SPLIT [NAME=FOLDER:SPLIT ...]
         [--json OUT.json] [--markdown OUT.md] [--batch-size N] [--device cpu|cuda]
 
 The checkpoint is loaded by fairseq itself (``checkpoint_utils.load_model_ensemble_and_task``):

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import file_sha256
+from ..checkpoints import file_sha256
 
 FBANK = "fbank"
 
