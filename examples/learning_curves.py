@@ -11,7 +11,7 @@ a time; a rerun resumes an unfinished run from its checkpoint_last.pt and skips 
 Then, from the logs, a table per setting: validation contrastive accuracy per shard against
 updates and training wall time (fairseq's ``wall``, summed over resumes), the code perplexity
 per codebook group, and chance (1 / (negatives + 1); for BEST-RQ the majority code's share, logged per shard); with --json the curves as data, with --plot
-a figure (lowest shard's accuracy against updates and against minutes).
+a figure (the lowest shard's accuracy over chance against updates and against minutes).
 """
 
 from __future__ import annotations
