@@ -812,3 +812,39 @@ def test_exports_run_without_eqssl_and_fairseq_with_the_same_outputs(pretrained,
     hypotheses = decode_set(model, task, test_set, batch_size=8, device="cpu", progress=False)
     assert standalone["transcripts"] == hypotheses
     assert any(h.strip() for h in hypotheses), hypotheses  # the comparison is not of empty strings
+
+
+def test_gap_probe_and_control_take_a_bestrq_checkpoint(pretrained, corpus, multilingual_corpus, tmp_path):
+    """The tools built for wav2vec 2.0 take BEST-RQ as it is: eqssl-gap measures every shard's
+    gap with the BEST-RQ loss (the inner step lowers it); the frozen-upstream probe trains on its
+    Conformer blocks and leaves them bit-identical; the no-pre-training control is an eq_bestrq
+    network of the same shape with fresh weights and the checkpoint's quantizer seed."""
+    from eqssl.checkpoints import file_sha256
+    from eqssl.cli.probe import ProbeConfig, probe
+    from eqssl.models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint, save_random_init
+
+    result = run(["eqssl-gap", corpus, pretrained, "--inner-steps", "1", "--inner-lr", "0.05", "--batches", "2",
+                  "--json", tmp_path / "gap.json"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    gaps = next(iter(json.loads((tmp_path / "gap.json").read_text())["results"].values()))
+    for shard in SHARDS:
+        assert 1 <= gaps[shard]["batches"] <= 2 and gaps[shard]["loss_before"] > 0
+        assert gaps[shard]["gap"] > 0, gaps  # one SGD step on the batch lowers its own loss
+
+    before = file_sha256(str(pretrained))
+    weights = {k: v.clone() for k, v in load_pretraining_checkpoint(str(pretrained))["model"].items()}
+    scores = probe(str(pretrained), str(multilingual_corpus / "finetune" / "sv"),
+                   ProbeConfig(updates=10, batch_size=4, seed=3), str(tmp_path / "cache"), "sv")
+    assert 0 < scores["cer"] and file_sha256(str(pretrained)) == before
+    after = load_pretraining_checkpoint(str(pretrained))["model"]
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+    control = save_random_init(str(pretrained), str(tmp_path / "random_init.pt"), seed=5)
+    state = load_pretraining_checkpoint(control)
+    assert state["cfg"]["model"]["_name"].startswith("eq_bestrq")
+    fresh = state["model"]
+    assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in weights.items()}
+    assert not torch.equal(fresh["input_projection.weight"], weights["input_projection.weight"])
+    for key in QUANTIZER:  # the same targets: the quantizer comes from the seed in the config
+        assert torch.equal(fresh[key], weights[key]), key
+    assert type(build_from_checkpoint_config(state)).__name__ == "EqBestRqModel"
