@@ -81,9 +81,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600, comm_log=None) -> list:
+def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600, comm_log=None,
+                          flags=TRAIN_FLAGS) -> list:
     """fairseq-train as ``workers`` CPU processes of one gloo job, launched the way fairseq reads
     an explicit init method (torchrun's path needs CUDA in fairseq); returns each rank's output.
+    ``flags``: the model's flags (TRAIN_FLAGS: wav2vec 2.0).
 
     With ``comm_log`` (a path) it runs as examples/fairseq_train_counting.py, which records each
     update's all-reduces in ``comm_log.rank<R>`` and lets fairseq's c10d backend run on CPU."""
@@ -95,7 +97,7 @@ def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600, com
     address = f"tcp://localhost:{free_port()}"
     processes = [
         subprocess.Popen(
-            [*command, str(data), *TRAIN_FLAGS, "--save-dir", str(save_dir),
+            [*command, str(data), *flags, "--save-dir", str(save_dir),
              "--distributed-world-size", str(workers), "--distributed-rank", str(rank),
              "--distributed-init-method", address, "--distributed-no-spawn", "--distributed-backend", "gloo",
              *map(str, extra)],

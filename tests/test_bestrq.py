@@ -37,7 +37,8 @@ from eqssl.cli.evaluate import decode_set, greedy_decode, load_checkpoint, load_
 from eqssl.tasks.equilibrium_pretraining import batch_seed
 from eqssl.corpus.toy import make_corpus
 
-from conftest import BIN, REPO, TRAIN_FLAGS, comm_records, fairseq_train, free_port, run, train_log_values
+from conftest import (BIN, REPO, TRAIN_FLAGS, comm_records, fairseq_train, fairseq_train_workers, run,
+                      train_log_values)
 from test_bad_input import assert_stopped_before_training, rewrite_clip, tone
 
 SHARDS = ["noisy", "read", "telephone"]
@@ -89,33 +90,9 @@ def start_bestrq_train(data, save_dir, *extra) -> subprocess.Popen:
 
 
 def bestrq_train_workers(data, save_dir, workers: int, *extra, comm_log=None, timeout=300) -> list:
-    """conftest.fairseq_train_workers with BESTRQ_FLAGS: ``workers`` gloo CPU processes of one
-    job; with ``comm_log`` through examples/fairseq_train_counting.py (c10d on CPU, all-reduces
-    recorded per rank)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    command = [str(BIN / "fairseq-train")]
-    if comm_log is not None:
-        command = [sys.executable, str(REPO / "examples" / "fairseq_train_counting.py")]
-        env["EQSSL_COMM_LOG"] = str(comm_log)
-    address = f"tcp://localhost:{free_port()}"
-    processes = [
-        subprocess.Popen(
-            [*command, str(data), *BESTRQ_FLAGS, "--save-dir", str(save_dir),
-             "--distributed-world-size", str(workers), "--distributed-rank", str(rank),
-             "--distributed-init-method", address, "--distributed-no-spawn", "--distributed-backend", "gloo",
-             *map(str, extra)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(workers)
-    ]
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in processes]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{workers} workers did not finish in {timeout} s (a hang?)")
-    finally:
-        for p in processes:
-            p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(processes, outputs)]
+    """conftest.fairseq_train_workers with BESTRQ_FLAGS."""
+    return fairseq_train_workers(data, save_dir, workers, *extra, timeout=timeout, comm_log=comm_log,
+                                 flags=BESTRQ_FLAGS)
 
 
 def load_state(path) -> dict:
