@@ -299,6 +299,20 @@ class EqBestRqModel(BaseFairseqModel):
         noise = torch.randn(features.shape, dtype=features.dtype).to(features.device) * self.cfg.mask_noise_std
         return torch.where(mask[..., None], noise, features), mask
 
+    def _encode(self, features: torch.Tensor, frame_padding: torch.Tensor,
+                layer: Optional[int] = None) -> List[torch.Tensor]:
+        """Input projection and Conformer blocks (up to ``layer``, 0-based): each block's (T, B, C) output."""
+        x = self.input_projection(features.to(self.input_projection.weight.dtype))
+        x = self.dropout_input(x.masked_fill(frame_padding[..., None], 0.0)).transpose(0, 1)
+        key_padding = frame_padding if frame_padding.any() else None
+        outputs: List[torch.Tensor] = []
+        for i, block in enumerate(self.encoder.conformer_layers):
+            x = conformer_block(block, x, key_padding)
+            outputs.append(x)
+            if layer is not None and i == layer:
+                break
+        return outputs
+
     def extract_features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                          mask: bool = False, layer: Optional[int] = None, **kwargs) -> Dict[str, object]:
         """What fairseq's ``wav2vec_ctc`` encoder wrapper and the probe call: ``x`` (B, T, C) the
@@ -308,17 +322,10 @@ class EqBestRqModel(BaseFairseqModel):
         masked = None
         if mask:
             features, masked = self._mask(features, frame_padding)
-        x = self.input_projection(features.to(self.input_projection.weight.dtype))
-        x = self.dropout_input(x.masked_fill(frame_padding[..., None], 0.0)).transpose(0, 1)
-        key_padding = frame_padding if frame_padding.any() else None
-        layer_results: List[tuple] = []
-        for i, block in enumerate(self.encoder.conformer_layers):
-            x = conformer_block(block, x, key_padding)
-            layer_results.append((x, None, None))
-            if layer is not None and i == layer:
-                break
-        return {"x": x.transpose(0, 1), "padding_mask": frame_padding, "layer_results": layer_results,
-                "mask_indices": masked, "features": features}
+        outputs = self._encode(features, frame_padding, layer)
+        return {"x": outputs[-1].transpose(0, 1), "padding_mask": frame_padding,
+                "layer_results": [(x, None, None) for x in outputs], "mask_indices": masked,
+                "features": features}
 
     def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
                 mask: bool = True, **kwargs) -> Dict[str, torch.Tensor]:
@@ -326,12 +333,7 @@ class EqBestRqModel(BaseFairseqModel):
         features, frame_padding = self.features(source, padding_mask)
         targets = self.quantizer(features)
         masked_features, masked = self._mask(features, frame_padding)
-        x = self.input_projection(masked_features.to(self.input_projection.weight.dtype))
-        x = self.dropout_input(x.masked_fill(frame_padding[..., None], 0.0)).transpose(0, 1)
-        key_padding = frame_padding if frame_padding.any() else None
-        for block in self.encoder.conformer_layers:
-            x = conformer_block(block, x, key_padding)
-        x = x.transpose(0, 1)
+        x = self._encode(masked_features, frame_padding)[-1].transpose(0, 1)
         return {"logits": self.head(x[masked]).float(), "targets": targets[masked],
                 "frames": int((~frame_padding).sum())}
 
