@@ -9,7 +9,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["eqssl", "eqssl.*"]),
+    # hydra_plugins.eqssl_recipes: lets fairseq-hydra-train compose eqssl's recipes from any folder
+    packages=find_packages(include=["eqssl", "eqssl.*"]) + ["hydra_plugins.eqssl_recipes"],
+    # Hydra finds plugins by listing the hydra_plugins namespace package, which setuptools'
+    # default editable install (an import hook) hides; a root package_dir makes `pip install -e`
+    # put this folder on sys.path instead, as `setup.py develop` did (hydra issue #2359).
+    package_dir={"": "."},
     # One tested set; see README "Versions" for why each pin is what it is.
     install_requires=[
         "ve-fairseq==0.12.3",
@@ -28,8 +33,16 @@ setup(
         "editdistance>=0.6",
         "jiwer>=3.0",
         "sentencepiece>=0.2",
+        # fairseq writes TensorBoard logs (--tensorboard-logdir) with it, and warns without it
+        "tensorboardX>=2.6",
     ],
-    extras_require={"test": ["pytest>=8"], "plots": ["matplotlib>=3.8"]},
+    extras_require={
+        # the tests read TensorBoard event files back with tensorboard's own reader
+        "test": ["pytest>=8", "tensorboard>=2.16"],
+        "plots": ["matplotlib>=3.8"],
+        # eqssl-export --format hf: Hugging Face transformers folders
+        "hf": ["transformers==5.24.0", "safetensors>=0.4"],
+    },
     entry_points={
         "console_scripts": [
             "eqssl-make-toy-corpus=eqssl.corpus.toy:main",

@@ -1,0 +1,115 @@
+"""The hydra recipes from any working folder: composition, overrides, a real run, TensorBoard."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run
+
+# recipes/reproduce holds eqssl-reproduce's settings, not hydra recipes (tests/test_reproduce.py).
+RECIPES = sorted(p for group in ("pretrain", "finetune") for p in (REPO / "recipes" / group).glob("*.yaml"))
+
+
+# Fields of each recipe's task, criterion and model that no recipe lists, with non-default values.
+UNLISTED = {
+    "pretrain": ["task.shard_sampling=temperature", "task.validation_gap_steps=2"],
+    "wav2vec2": ["criterion.collapse_accuracy=0.5", "model.conv_bias=true"],
+    "bestrq": ["model.quantizer_seed=7"],
+    "finetune": ["task.eval_wer=true", "criterion.wer_kenlm_model=/lm.bin", "model.mask_channel_before=true"],
+}
+
+
+def unlisted(recipe: Path) -> list:
+    if recipe.parent.name == "finetune":
+        return UNLISTED["finetune"]
+    return UNLISTED["pretrain"] + UNLISTED["bestrq" if "bestrq" in recipe.stem else "wav2vec2"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_composes_from_any_folder(recipe, tmp_path):
+    """Each recipe composes in fairseq-hydra-train from a folder that is not the repository
+    (--cfg job --resolve prints the config, runs nothing): common.user_dir resolves to the
+    installed package, and task, criterion and model fields the recipe does not list are
+    overridden as plain task.X= / criterion.X= / model.X=."""
+    group = recipe.parent.name
+    command = ["fairseq-hydra-train", "--config-dir", recipe.parent, "--config-name", recipe.stem,
+               "task.data=/data", *unlisted(recipe), "--cfg", "job", "--resolve"]
+    if "ptloc" in recipe.stem:
+        command.insert(-3, "model.init_from=/pretrained.pt")
+    if group == "finetune":
+        command.insert(-3, "model.w2v_path=/pretrained.pt")
+    result = run(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    task = "equilibrium_pretraining" if group == "pretrain" else "audio_finetuning"
+    assert f"_name: {task}" in result.stdout
+    assert f"user_dir: {REPO / 'eqssl'}" in result.stdout
+    for override in unlisted(recipe):
+        key, value = override.split(".", 1)[1].split("=")
+        assert re.search(rf"^  {key}: {re.escape(value)}$", result.stdout, re.M), (override, result.stdout[-3000:])
+
+
+def test_a_misspelt_field_names_itself(tmp_path):
+    """Recipes are typed by eqssl's dataclasses: a field that does not exist is refused by name."""
+    result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/pretrain", "--config-name", "cssl_tiny",
+                  "task.data=/data", "task.inner_step=1", "--cfg", "job"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'task.inner_step'" in result.stdout
+    assert "Key 'inner_step' not in 'EquilibriumPretrainingConfig'" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def recipe_run(corpus, tmp_path_factory) -> dict:
+    """cssl_tiny run for 4 updates from a folder outside the repository, with one field the
+    recipe does not list (task.validation_gap_steps, so that validation logs gaps) and
+    TensorBoard logs."""
+    folder = tmp_path_factory.mktemp("elsewhere")
+    result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/pretrain", "--config-name", "cssl_tiny",
+                  f"task.data={corpus}", "checkpoint.save_dir=ck", "common.tensorboard_logdir=tb",
+                  "task.validation_gap_steps=1", "optimization.max_update=4", "dataset.validate_interval_updates=2",
+                  "common.log_interval=1"], cwd=folder)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return {"folder": folder, "output": result.stdout}
+
+
+def test_a_recipe_trains_from_another_folder(recipe_run):
+    """The checkpoint lands under the working folder and records the override and the
+    installed package as its user_dir."""
+    checkpoint = torch.load(recipe_run["folder"] / "ck" / "checkpoint_last.pt", weights_only=False)
+    cfg = checkpoint["cfg"]
+    assert cfg["common"]["user_dir"] == str(REPO / "eqssl")
+    assert cfg["task"]["validation_gap_steps"] == 1
+    assert checkpoint["extra_state"]["train_iterator"]["epoch"] >= 1
+
+
+def tensorboard_scalars(logdir: Path) -> dict:
+    """{run: {tag: [(step, value), ...]}} read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for run_dir in sorted(p for p in logdir.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        scalars[run_dir.name] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                                 for tag in events.Tags()["scalars"]}
+    return scalars
+
+
+def test_per_shard_scalars_land_in_tensorboard(recipe_run, corpus):
+    """fairseq writes every per-shard meter to TensorBoard (train_inner every update, valid at
+    each validation), and no command asks for tensorboardX any more."""
+    assert "install tensorboard" not in recipe_run["output"].lower()
+    scalars = tensorboard_scalars(recipe_run["folder"] / "tb")
+    assert {"train_inner", "valid"} <= set(scalars)
+    shards = sorted(p.name for p in corpus.iterdir() if p.is_dir())
+    for shard in shards:
+        for key in ("loss_before", "accuracy", "code_ppl"):
+            steps = [step for step, _ in scalars["train_inner"][f"{key}_{shard}"]]
+            assert steps == [1, 2, 3, 4], (key, shard, steps)
+        for key in ("loss_before", "loss_after", "gap", "accuracy"):
+            points = scalars["valid"][f"{key}_{shard}"]
+            assert [step for step, _ in points] == [2, 4], (key, shard, points)
+            assert all(value == value for _, value in points)  # no NaN
+        # the validation gap is measured (validation_gap_steps=1), so it is not the constant 0 of K=0 training
+        assert any(value != 0 for _, value in scalars["valid"][f"gap_{shard}"])
