@@ -14,10 +14,11 @@ RECIPES = sorted(p for group in ("pretrain", "finetune") for p in (REPO / "recip
 
 # Fields of each recipe's task, criterion and model that no recipe lists, with non-default values.
 UNLISTED = {
-    "pretrain": ["task.shard_sampling=temperature", "task.validation_gap_steps=2"],
+    "pretrain": ["task.shard_sampling=temperature", "task.validation_gap_steps=2", "optimizer.use_old_adam=true"],
     "wav2vec2": ["criterion.collapse_accuracy=0.5", "model.conv_bias=true"],
     "bestrq": ["model.quantizer_seed=7"],
-    "finetune": ["task.eval_wer=true", "criterion.wer_kenlm_model=/lm.bin", "model.mask_channel_before=true"],
+    "finetune": ["task.eval_wer=true", "criterion.wer_kenlm_model=/lm.bin", "model.mask_channel_before=true",
+                 "lr_scheduler.init_lr_scale=0.02"],
 }
 
 
@@ -31,8 +32,8 @@ def unlisted(recipe: Path) -> list:
 def test_every_recipe_composes_from_any_folder(recipe, tmp_path):
     """Each recipe composes in fairseq-hydra-train from a folder that is not the repository
     (--cfg job --resolve prints the config, runs nothing): common.user_dir resolves to the
-    installed package, and task, criterion and model fields the recipe does not list are
-    overridden as plain task.X= / criterion.X= / model.X=."""
+    installed package, and task, criterion, model, optimizer and lr_scheduler fields the recipe
+    does not list are overridden as plain task.X= / criterion.X= / model.X= / ..."""
     group = recipe.parent.name
     command = ["fairseq-hydra-train", "--config-dir", recipe.parent, "--config-name", recipe.stem,
                "task.data=/data", *unlisted(recipe), "--cfg", "job", "--resolve"]
