@@ -1,4 +1,4 @@
-"""Export eqssl checkpoints so that they load without eqssl: ``eqssl-export IN OUT``.
+"""Export eqssl checkpoints so that they load without eqssl: ``eqssl-export IN OUT [--format hf]``.
 
 BEST-RQ (eq_bestrq) checkpoints, which fairseq has no model for, are written as plain PyTorch
 data by ``eqssl.cli.export_bestrq``; the rest of this docstring is about wav2vec 2.0.
@@ -16,13 +16,18 @@ only rewrites the config:
   ``task_state`` (the target Dictionary) is kept.
 
 The weights are copied unchanged. The result loads with plain fairseq
-(``checkpoint_utils.load_model_ensemble_and_task([OUT])``, no ``--user-dir``), with torchaudio's
-``import_fairseq_model`` on the model fairseq builds from it, and with Hugging Face transformers'
-``convert_wav2vec2_original_pytorch_checkpoint_to_pytorch.py``, which reads checkpoints through
-fairseq and so takes these stock files too (not tested here: transformers is not installed).
+(``checkpoint_utils.load_model_ensemble_and_task([OUT])``, no ``--user-dir``) and with torchaudio's
+``import_fairseq_model`` on the model fairseq builds from it.
+
+For Hugging Face transformers, ``eqssl-export CKPT OUT_DIR --format hf`` (``eqssl.cli.export_hf``,
+needs the ``hf`` extra) writes a folder that ``Wav2Vec2ForPreTraining.from_pretrained`` (pre-training
+checkpoints) or ``Wav2Vec2ForCTC.from_pretrained`` and ``pipeline("automatic-speech-recognition")``
+(fine-tuned ones, with their processor) load; it maps the weights itself, so neither fairseq nor
+transformers' conversion script is needed on the receiving side. See docs/hf_export.md.
 
 eq_wav2vec2_tiny as named (64 conv channels = 64-dim encoder) has no ``post_extract_proj``, which
-torchaudio and transformers require; the export then still works but emits a PortabilityWarning.
+torchaudio requires; the default export then still works but emits a PortabilityWarning (``--format
+hf`` gives transformers' projection the identity, which is exact).
 
 With torch >= 2.6 a fine-tuned fairseq checkpoint (stock or exported) pickles a
 ``fairseq.data.Dictionary``, which ``torch.load``'s default ``weights_only=True`` refuses: without
@@ -270,21 +275,32 @@ def _export(src: str, dst: str) -> tuple:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Command line: ``eqssl-export IN OUT``."""
+    """Command line: ``eqssl-export IN OUT [--format pt|hf]``."""
     parser = argparse.ArgumentParser(
         prog="eqssl-export",
         description="Rewrite an eqssl checkpoint (pre-training, or wav2vec_ctc fine-tuned) so that it "
         "loads without eqssl: wav2vec 2.0 as a stock fairseq checkpoint (fairseq, torchaudio); "
         "BEST-RQ as plain PyTorch tensors and a config for torchaudio's Conformer "
-        "(examples/bestrq_standalone.py rebuilds it).",
+        "(examples/bestrq_standalone.py rebuilds it); with --format hf, wav2vec 2.0 as a Hugging Face "
+        "transformers folder (Wav2Vec2ForPreTraining, or Wav2Vec2ForCTC with its processor).",
     )
     parser.add_argument("input", help="eqssl checkpoint (e.g. checkpoint_best.pt)")
-    parser.add_argument("output", help="file to write; must not exist")
+    parser.add_argument("output", help="file (--format pt) or folder (--format hf) to write; must not "
+                        "exist (hf: or be an empty folder)")
+    parser.add_argument("--format", choices=("pt", "hf"), default="pt",
+                        help="pt (default): a torch.save file, the stock fairseq checkpoint (wav2vec 2.0) "
+                        "or plain PyTorch data (BEST-RQ); hf: a Hugging Face transformers folder "
+                        "(wav2vec 2.0 only; needs pip install -e \".[hf]\"), see docs/hf_export.md")
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PortabilityWarning)
-            _, written = _export(args.input, args.output)
+            if args.format == "hf":
+                from .export_hf import export_hf
+
+                _, written = export_hf(args.input, args.output)
+            else:
+                _, written = _export(args.input, args.output)
     except ExportError as error:
         print(f"eqssl-export: error: {error}", file=sys.stderr)
         return 1
