@@ -1,6 +1,8 @@
 """Generate the built-in corpus: eSpeak NG speech of real words, in several domains or languages.
 
     eqssl-make-corpus OUT --preset multidomain --size tiny [--seed 0] [--workers N]
+    eqssl-make-corpus OUT --preset my_preset.yaml --size tiny     # a preset of your own (docs/corpus.md)
+    eqssl-make-corpus --list          # the languages, voices, variants and domains a preset can use
 
 writes ``OUT/pretrain/{shard}/{train,valid}.tsv`` (the ``equilibrium_pretraining`` layout),
 ``OUT/finetune/{name}/{train_10m,train_1h,dev,test}.{tsv,wrd,ltr}`` with ``dict.ltr.txt``, the
@@ -13,10 +15,12 @@ A rerun into the same folder keeps finished chunks and redoes the rest.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
+import textwrap
 from dataclasses import asdict
 from typing import Dict, List, Tuple
 
@@ -28,8 +32,11 @@ from tqdm import tqdm
 from . import labels
 from .domains import DOMAINS, apply_domain
 from .espeak import engine
-from .presets import PRESETS, SIZES, SetSpec
-from .text import sentence, vocabulary
+from .presets import (  # noqa: F401  (PresetError: the one error of a bad preset, a CorpusError)
+    DEFAULT_VARIANTS, PRESET_DIR, SIZES, CorpusError, Preset, PresetError, SetSpec, Size, builtin_names,
+    inventory, load_preset, preset_name, settings_of,
+)
+from .text import sentence
 
 GENERATOR_VERSION = "1"
 SAMPLE_RATE = 16000
@@ -37,8 +44,16 @@ CHUNK = 8  # utterances per fresh process: fixes what eSpeak NG's carried-over s
 DICTIONARY_SPLITS = ("train_10m", "train_1h", "dev", "test")
 
 
-class CorpusError(ValueError):
-    pass
+ORIGINAL_BUILTINS = {
+    "multidomain": "77a2dd719b2a4e06cedc100847622da35952a08081dab4cb7d7c860e7d917526",
+    "multilingual": "d1a0820a04493ee6e2aa397cbb3f57a96a4b519d1b6c697240f5247d87fe5c41",
+}
+"""definition_digest of the built-in presets as they were defined in Python, before corpus.json
+recorded a preset's definition: a corpus made then, with one of these exactly, still resumes."""
+
+
+def definition_digest(definition: dict) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
 
 
 def utterance_rng(seed: int, *keys) -> np.random.Generator:
@@ -105,9 +120,8 @@ def chunk_is_complete(task: dict) -> bool:
     return True
 
 
-def plan(out: str, preset: str, size: str, seed: int) -> List[dict]:
+def plan(out: str, chosen: Preset, counts: Size, seed: int) -> List[dict]:
     """Every chunk of the corpus, in a fixed order."""
-    chosen, counts = PRESETS[preset], SIZES[size]
     tasks = []
     for kind, specs, splits in (("pretrain", chosen.pretrain, counts.pretrain),
                                 ("finetune", chosen.finetune, counts.finetune)):
@@ -124,34 +138,33 @@ def plan(out: str, preset: str, size: str, seed: int) -> List[dict]:
     return tasks
 
 
-def check_inputs(preset: str, size: str) -> None:
-    """Unknown preset, size, language or voice: one clear error before any work."""
-    if preset not in PRESETS:
-        raise CorpusError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    if size not in SIZES:
-        raise CorpusError(f"unknown size {size!r}; available: {', '.join(SIZES)}")
-    chosen = PRESETS[preset]
-    available = set(engine().languages()) | {v.identifier.split("/")[-1] for v in engine().voices()}
-    for spec in chosen.pretrain + chosen.finetune:
-        vocabulary(spec.language)  # raises, listing the languages with word lists
-        if spec.domain not in DOMAINS:
-            raise CorpusError(f"set {spec.name}: unknown domain {spec.domain!r}; available: {', '.join(DOMAINS)}")
-        for voice in spec.voices:
-            if voice not in available:
-                raise CorpusError(f"set {spec.name}: unknown eSpeak NG voice {voice!r}; available: "
-                                  f"{', '.join(sorted(available))}")
+def check_inputs(preset: str, size: str) -> Tuple[str, Preset, Size]:
+    """The preset's name, the preset and the size, all checked (unknown preset or size, a preset
+    that names a language, voice, variant or domain there is not, or whose fine-tuning sets share
+    speakers with pre-training): one clear error before any work."""
+    chosen = load_preset(preset)
+    sizes = {**SIZES, **chosen.sizes}
+    if size not in sizes:
+        raise CorpusError(f"unknown size {size!r}; available: {', '.join(sizes)}")
+    return preset_name(preset), chosen, sizes[size]
 
 
-def claim_folder(out: str, settings: dict) -> None:
-    """Use ``out`` only if it is new, empty, or holds this very corpus (then resume)."""
+def claim_folder(out: str, settings: dict, legacy_ok: bool = False) -> None:
+    """Use ``out`` only if it is new, empty, or holds this very corpus (then resume). With
+    ``legacy_ok`` (a built-in preset exactly as it was defined in Python), a corpus made before
+    corpus.json recorded the preset's definition is this corpus if everything else matches."""
     description = os.path.join(out, "corpus.json")
     if os.path.isfile(description):
         with open(description, encoding="utf-8") as f:
-            existing = json.load(f).get("settings")
+            existing = json.load(f).get("settings") or {}
+        if legacy_ok and "preset_definition" not in existing:
+            existing = dict(existing, preset_definition=settings.get("preset_definition"))
         if existing != settings:
+            differ = sorted(k for k in {**existing, **settings} if existing.get(k) != settings.get(k))
             raise CorpusError(
-                f"{out} holds a different corpus ({existing}); rerun with those settings to resume it, "
-                "or choose another folder"
+                f"{out} holds a different corpus (preset {existing.get('preset')}, size {existing.get('size')}, "
+                f"seed {existing.get('seed')}; it differs in {', '.join(differ)}); rerun with its settings "
+                "to resume it, or choose another folder"
             )
         return
     if os.path.isdir(out) and os.listdir(out):
@@ -193,10 +206,11 @@ def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
 def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed: int = 0,
                 workers: int = 0, progress: bool = True) -> dict:
     """Generate (or resume) the corpus; returns what corpus.json records."""
-    check_inputs(preset, size)
-    settings = {"preset": preset, "size": size, "seed": seed, "generator_version": GENERATOR_VERSION}
-    claim_folder(out, settings)
-    tasks = plan(out, preset, size, seed)
+    name, chosen, counts = check_inputs(preset, size)
+    settings = {"preset": name, "size": size, "seed": seed, "generator_version": GENERATOR_VERSION,
+                "preset_definition": settings_of(chosen)}
+    claim_folder(out, settings, legacy_ok=ORIGINAL_BUILTINS.get(name) == definition_digest(settings_of(chosen)))
+    tasks = plan(out, chosen, counts, seed)
     todo = [t for t in tasks if not chunk_is_complete(t)]
     workers = workers or os.cpu_count() or 1
     # A fresh process per chunk, forked from a server that never ran eSpeak NG: no chunk sees
@@ -205,14 +219,13 @@ def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed:
     context.set_forkserver_preload([__name__])
     with context.Pool(workers, maxtasksperchild=1) as pool:
         for _ in tqdm(pool.imap_unordered(make_chunk, todo), total=len(todo), disable=not progress,
-                      desc=f"{preset}/{size}", unit="chunk"):
+                      desc=f"{name}/{size}", unit="chunk"):
             pass
     records = []
     for task in tasks:
         with open(task["done_file"], encoding="utf-8") as f:
             records.append(json.load(f))
     summary = write_manifests(out, records)
-    chosen = PRESETS[preset]
     description = {
         "settings": settings, "complete": True, "description": chosen.description,
         "sample_rate": SAMPLE_RATE,
@@ -228,14 +241,49 @@ def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed:
     return description
 
 
+def format_inventory() -> str:
+    """What ``--list`` prints: everything a preset can name, from the eSpeak NG data and wordfreq."""
+    found = inventory()
+    wrap = functools.partial(textwrap.fill, width=100, initial_indent="  ", subsequent_indent="  ",
+                             break_on_hyphens=False)
+    width = max(map(len, found["voices"])) + 2
+    lines = [f"Languages with a wordfreq word list and an eSpeak NG voice ({len(found['languages'])}), "
+             "for a set's `language`, each with the voices that speak it:"]
+    lines += [f"  {code:<5} {', '.join(voices)}" for code, voices in found["languages"].items()]
+    lines += ["", f"Voices of eSpeak NG ({len(found['voices'])}), for a set's `voices` (a voice may read "
+                  "another language's text: an accent):"]
+    lines += [f"  {name:<{width}} {voice.title}" for name, voice in found["voices"].items()]
+    lines += ["", f"Voice variants of eSpeak NG ({len(found['variants'])}), for a set's `variants` (default: "
+                  f"{', '.join(DEFAULT_VARIANTS['pretrain'])} in pre-training sets, "
+                  f"{', '.join(DEFAULT_VARIANTS['finetune'])} in fine-tuning sets):",
+              wrap(", ".join(found["variants"]))]
+    lines += ["", f"Domains ({len(found['domains'])}), for a set's `domain`:"]
+    lines += [f"  {name:<10} {description}" for name, description in found["domains"].items()]
+    lines += ["", "Sizes (--size; a preset may add its own under `sizes`):"]
+    lines += [f"  {name:<6} pre-training {', '.join(f'{k} {v}' for k, v in size.pretrain.items())}; fine-tuning "
+              f"{', '.join(f'{k} {v}' for k, v in size.finetune.items())} utterances per set; "
+              f"{size.words[0]}-{size.words[1]} words each" for name, size in SIZES.items()]
+    lines += ["", f"Built-in presets (--preset NAME: {PRESET_DIR}/NAME.yaml):", wrap(", ".join(found["presets"]))]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", help="folder to write into (new, or one holding this corpus to resume)")
-    parser.add_argument("--preset", default="multidomain", help=f"one of {', '.join(PRESETS)}")
-    parser.add_argument("--size", default="tiny", help=f"one of {', '.join(SIZES)}")
+    parser = argparse.ArgumentParser(prog="eqssl-make-corpus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", help="folder to write into (new, or one holding this corpus to resume)")
+    parser.add_argument("--preset", default="multidomain",
+                        help=f"a built-in preset ({', '.join(builtin_names())}) or a preset .yaml file")
+    parser.add_argument("--size", default="tiny", help=f"one of {', '.join(SIZES)}, or one of the preset's sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the languages, voices, variants, domains, sizes and presets there are, and exit")
     args = parser.parse_args(argv)
+    if args.list:
+        print(format_inventory())
+        return
+    if args.out is None:
+        parser.error("the following argument is required: out (or --list)")
     try:
         description = make_corpus(args.out, args.preset, args.size, args.seed, args.workers)
     except (CorpusError, ValueError) as error:
