@@ -118,6 +118,22 @@ def test_validation_logs_the_gap_of_every_shard_in_every_run(experiment):
             assert f"gap_{shard} " in valid[-1] and f"loss_after_{shard} " in valid[-1], (name, valid[-1])
 
 
+def test_every_run_writes_tensorboard_logs(experiment):
+    """Each pre-training run's per-shard validation gaps, and each fine-tuning run's CER, land in
+    a tensorboard/ folder inside its run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _ = experiment
+    seed = out / "multilingual" / "seed1"
+    # fairseq names each event folder after its subset: pre-training validates on valid, fine-tuning on dev
+    for folder, tags in [*((seed / name / "tensorboard" / "valid", {f"gap_{s}" for s in ("en", "fr", "nl")})
+                           for name in PRETRAINING),
+                         (seed / "finetune" / "cssl.1" / SETS[0] / "tensorboard" / "dev", {"uer"})]:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert tags <= set(events.Tags()["scalars"]), (folder, events.Tags()["scalars"])
+
+
 def test_rerun_skips_finished_stages_and_keeps_the_results(experiment):
     out, command, _ = experiment
     before = records(out)

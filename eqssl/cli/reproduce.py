@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from ..checkpoints import file_sha256
-from ..corpus.presets import PRESETS
+from ..corpus.presets import SIZES, CorpusError, Preset, is_file, load_preset, preset_name, preset_path
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 """The eqssl package folder: fairseq's --user-dir."""
@@ -149,9 +149,10 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
                 f"optimization.lr=[{ptloc['lr']}]", f"optimization.max_update={ptloc['max_update'] * (k + 1)}",
                 f"lr_scheduler.warmup_updates={ptloc['warmup_updates'] * (k + 1)}",
             ], init_from="cssl.1", matched_to=f"ptloc.1.k{k}"))
-    if preset == "multilingual":
+    pretrain = preset_sets(preset, settings).pretrain
+    if len({spec.language for spec in pretrain}) > 1:  # multilingual pre-training: language sampling
         temp = settings["temperature_baseline"]
-        shards = len(PRESETS[preset].pretrain)
+        shards = len(pretrain)
         per = temp["shards_per_update"]
         # As many shard passes as CSSL.1's budget: 1/per-th of the shards per update.
         scale = max(1, shards // per)
@@ -174,7 +175,7 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
 
 def finetune_sets(preset: str, settings: dict) -> Dict[str, bool]:
     """The fine-tuning sets of the experiment, each with whether it is seen in pre-training."""
-    sets = {spec.name: spec.seen for spec in PRESETS[preset].finetune}
+    sets = {spec.name: spec.seen for spec in preset_sets(preset, settings).finetune}
     chosen = (settings["finetune"].get("sets") or {}).get(preset)
     if chosen:
         unknown = [s for s in chosen if s not in sets]
@@ -183,6 +184,30 @@ def finetune_sets(preset: str, settings: dict) -> Dict[str, bool]:
                                  f"the preset has {', '.join(sets)}")
         sets = {s: sets[s] for s in chosen}
     return sets
+
+
+def resolve_presets(values: Sequence[str], settings: dict) -> Dict[str, str]:
+    """--preset values (built-in names or preset .yaml files), each read and checked before any
+    work (PresetError naming the file and field); returns name -> absolute path of the file-given ones."""
+    files: Dict[str, str] = {}
+    names: Dict[str, str] = {}
+    for value in values:
+        name, path = preset_name(value), os.path.abspath(preset_path(value))
+        if names.setdefault(name, path) != path:
+            raise ReproduceError(f"--preset: two presets named {name} ({names[name]} and {path}): the experiment's "
+                                 "folders are named after the presets; rename one file")
+        sizes = {**SIZES, **load_preset(path).sizes}
+        if settings["corpus_size"] not in sizes:
+            raise ReproduceError(f"{settings['path']}: corpus_size {settings['corpus_size']}: preset {name} has "
+                                 f"no such size; it has {', '.join(sizes)}")
+        if is_file(value):
+            files[name] = path
+    return files
+
+
+def preset_sets(preset: str, settings: dict) -> Preset:
+    """The sets of a preset of the experiment: a built-in by name, or the file main() resolved."""
+    return load_preset((settings.get("preset_files") or {}).get(preset, preset), check=False)
 
 
 # ------------------------------------------------------------------ stage bookkeeping
@@ -304,7 +329,8 @@ def pretrain_command(run: PretrainRun, data: str, save_dir: str, seed: int, init
     """The fairseq-hydra-train command of one pre-training run of the experiment."""
     return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "pretrain"), "--config-name", run.recipe,
             f"++task.data={os.path.abspath(data)}", f"checkpoint.save_dir={os.path.abspath(save_dir)}",
-            f"common.seed={seed}", f"common.user_dir={PACKAGE}", *run.overrides,
+            f"common.seed={seed}", f"common.user_dir={PACKAGE}",
+            f"common.tensorboard_logdir={os.path.join(os.path.abspath(save_dir), 'tensorboard')}", *run.overrides,
             *([f"++model.init_from={os.path.abspath(init)}"] if init else [])]
 
 
@@ -377,8 +403,8 @@ def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, ove
     """The fairseq-hydra-train command of one CTC fine-tuning run with a recipes/finetune recipe."""
     return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "finetune"), "--config-name", recipe,
             f"task.data={os.path.abspath(data)}", f"model.w2v_path={os.path.abspath(pretrained)}",
-            f"checkpoint.save_dir={os.path.abspath(save_dir)}",
-            f"common.user_dir={PACKAGE}", *overrides]
+            f"checkpoint.save_dir={os.path.abspath(save_dir)}", f"common.user_dir={PACKAGE}",
+            f"common.tensorboard_logdir={os.path.join(os.path.abspath(save_dir), 'tensorboard')}", *overrides]
 
 
 def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
@@ -718,17 +744,23 @@ def new_path(path: str) -> str:
 
 
 # ------------------------------------------------------------------ command line
-def make_corpus(out: str, preset: str, size: str) -> None:
-    """Stage: the preset's built-in corpus (eqssl-make-corpus resumes and verifies on a rerun)."""
+def make_corpus(out: str, preset: str, size: str, source: Optional[str] = None) -> None:
+    """Stage: the preset's built-in corpus (eqssl-make-corpus resumes and verifies on a rerun);
+    ``source``: the preset's file if it is not a built-in."""
     folder = os.path.join(out, preset, "corpus")
-    print(f"[{preset}] corpus: eqssl-make-corpus {folder} --preset {preset} --size {size}", flush=True)
-    subprocess.run(["eqssl-make-corpus", folder, "--preset", preset, "--size", size], check=True)
+    print(f"[{preset}] corpus: eqssl-make-corpus {folder} --preset {source or preset} --size {size}", flush=True)
+    result = subprocess.run(["eqssl-make-corpus", folder, "--preset", source or preset, "--size", size])
+    if result.returncode != 0:  # eqssl-make-corpus printed why
+        raise SystemExit(f"eqssl-reproduce: [{preset}] corpus: eqssl-make-corpus {folder} failed (exit status "
+                         f"{result.returncode}); nothing was trained")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqssl-reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", nargs="+", default=["multidomain"], choices=sorted(PRESETS))
+    parser.add_argument("--preset", nargs="+", default=["multidomain"],
+                        help="built-in corpus presets (recipes/corpus/NAME.yaml: multidomain, multilingual, ...) "
+                        "or preset .yaml files (docs/corpus.md); each runs in OUT/<its name>")
     parser.add_argument("--size", default="tiny", help="tiny, small, full, or a settings .yaml file")
     parser.add_argument("--model", default="wav2vec2", choices=sorted(FAMILIES),
                         help="model family: wav2vec2 (eq_wav2vec2) or bestrq (eq_bestrq, the paper's); "
@@ -748,6 +780,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("eqssl-reproduce: --seeds and --jobs must be at least 1")
     try:
         settings = load_settings(args.size, args.model)
+        settings["preset_files"] = resolve_presets(args.preset, settings)
+        args.preset = list(dict.fromkeys(preset_name(p) for p in args.preset))
         for preset in args.preset:
             finetune_sets(preset, settings)  # fail on a bad set or run name before any work
             names = [r.name for r in plan_pretraining(preset, settings)] + [CONTROL]
@@ -755,7 +789,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if unknown:
                 raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "
                                      f"the {preset} runs are {', '.join(names)}")
-    except ReproduceError as error:
+    except (ReproduceError, CorpusError) as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -763,7 +797,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results: Dict[str, Dict[int, dict]] = {p: {} for p in args.preset}
     if not args.report:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each corpus is one subprocess
-            list(pool.map(lambda preset: make_corpus(args.out, preset, settings["corpus_size"]), args.preset))
+            list(pool.map(lambda preset: make_corpus(args.out, preset, settings["corpus_size"],
+                                                     settings["preset_files"].get(preset)), args.preset))
     try:
         if args.report:
             for chain in chains:
