@@ -1,5 +1,6 @@
 """The hydra recipes from any working folder: composition, overrides, a real run, TensorBoard."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -85,16 +86,12 @@ def test_a_recipe_trains_from_another_folder(recipe_run):
 
 
 def tensorboard_scalars(logdir: Path) -> dict:
-    """{run: {tag: [(step, value), ...]}} read back with TensorBoard's own event reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars = {}
-    for run_dir in sorted(p for p in logdir.iterdir() if p.is_dir()):
-        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-        events.Reload()
-        scalars[run_dir.name] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-                                 for tag in events.Tags()["scalars"]}
-    return scalars
+    """{run: {tag: [(step, value), ...]}}, read back with TensorBoard's own event reader by
+    examples/plot_tensorboard.py (imported by path), the README figure's script."""
+    spec = importlib.util.spec_from_file_location("plot_tensorboard", REPO / "examples" / "plot_tensorboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.read_scalars(str(logdir))
 
 
 def test_per_shard_scalars_land_in_tensorboard(recipe_run, corpus):
