@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence
 import yaml
 
 from ..checkpoints import file_sha256
+from ..locking import FolderLockedError, folder_lock
 from ..corpus.presets import SIZES, CorpusError, Preset, is_file, load_preset, preset_name, preset_path
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -791,6 +792,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      f"the {preset} runs are {', '.join(names)}")
     except (ReproduceError, CorpusError) as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
+    if args.report:  # reads finished records only, and never overwrites a results file
+        return run_experiment(args, settings)
+    try:
+        with folder_lock(args.out, "eqssl-reproduce"):
+            return run_experiment(args, settings)
+    except FolderLockedError as error:
+        raise SystemExit(f"eqssl-reproduce: {error}")
+
+
+def run_experiment(args: argparse.Namespace, settings: dict) -> int:
+    """The corpora, every (preset, seed) chain (or, with --report, the finished ones), the tables."""
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     chains = [Chain(p, s, args.out, settings, threads) for p in args.preset for s in range(1, args.seeds + 1)]

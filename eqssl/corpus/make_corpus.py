@@ -29,6 +29,7 @@ import soundfile
 import soxr
 from tqdm import tqdm
 
+from ..locking import LOCK_NAME, FolderLockedError, folder_lock
 from . import labels
 from .domains import DOMAINS, apply_domain
 from .espeak import engine
@@ -149,10 +150,11 @@ def check_inputs(preset: str, size: str) -> Tuple[str, Preset, Size]:
     return preset_name(preset), chosen, sizes[size]
 
 
-def claim_folder(out: str, settings: dict, legacy_ok: bool = False) -> None:
+def claim_folder(out: str, settings: dict, legacy_ok: bool = False, write: bool = True) -> None:
     """Use ``out`` only if it is new, empty, or holds this very corpus (then resume). With
     ``legacy_ok`` (a built-in preset exactly as it was defined in Python), a corpus made before
-    corpus.json recorded the preset's definition is this corpus if everything else matches."""
+    corpus.json recorded the preset's definition is this corpus if everything else matches.
+    ``write=False`` only checks (nothing is created)."""
     description = os.path.join(out, "corpus.json")
     if os.path.isfile(description):
         with open(description, encoding="utf-8") as f:
@@ -167,8 +169,10 @@ def claim_folder(out: str, settings: dict, legacy_ok: bool = False) -> None:
                 "to resume it, or choose another folder"
             )
         return
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_NAME}:
         raise CorpusError(f"{out} is not empty and holds no eqssl corpus; choose another folder")
+    if not write:
+        return
     os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
     _write_json_atomically(description, {"settings": settings, "complete": False})
 
@@ -205,11 +209,20 @@ def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
 
 def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed: int = 0,
                 workers: int = 0, progress: bool = True) -> dict:
-    """Generate (or resume) the corpus; returns what corpus.json records."""
+    """Generate (or resume) the corpus; returns what corpus.json records. Raises FolderLockedError
+    at once if another process is writing ``out``."""
     name, chosen, counts = check_inputs(preset, size)
     settings = {"preset": name, "size": size, "seed": seed, "generator_version": GENERATOR_VERSION,
                 "preset_definition": settings_of(chosen)}
-    claim_folder(out, settings, legacy_ok=ORIGINAL_BUILTINS.get(name) == definition_digest(settings_of(chosen)))
+    legacy_ok = ORIGINAL_BUILTINS.get(name) == definition_digest(settings_of(chosen))
+    claim_folder(out, settings, legacy_ok, write=False)  # a foreign folder is refused before the lock file
+    with folder_lock(out, "eqssl-make-corpus"):
+        claim_folder(out, settings, legacy_ok)
+        return _make_corpus(out, name, chosen, counts, settings, seed, workers, progress)
+
+
+def _make_corpus(out: str, name: str, chosen: Preset, counts: Size, settings: dict, seed: int, workers: int,
+                 progress: bool) -> dict:
     tasks = plan(out, chosen, counts, seed)
     todo = [t for t in tasks if not chunk_is_complete(t)]
     workers = workers or os.cpu_count() or 1
@@ -219,7 +232,7 @@ def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed:
     context.set_forkserver_preload([__name__])
     with context.Pool(workers, maxtasksperchild=1) as pool:
         for _ in tqdm(pool.imap_unordered(make_chunk, todo), total=len(todo), disable=not progress,
-                      desc=f"{name}/{size}", unit="chunk"):
+                      desc=f"{name}/{settings['size']}", unit="chunk"):
             pass
     records = []
     for task in tasks:
@@ -286,7 +299,7 @@ def main(argv=None) -> None:
         parser.error("the following argument is required: out (or --list)")
     try:
         description = make_corpus(args.out, args.preset, args.size, args.seed, args.workers)
-    except (CorpusError, ValueError) as error:
+    except (CorpusError, FolderLockedError, ValueError) as error:
         parser.exit(2, f"eqssl-make-corpus: error: {error}\n")
     hours = sum(s["hours"] for entry in description["sets"].values() for s in entry["splits"].values())
     print(f"{args.out}: {len(description['sets'])} sets, {hours:.2f} h of audio; see corpus.json")
