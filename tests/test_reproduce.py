@@ -14,8 +14,8 @@ from conftest import REPO, run
 
 from eqssl.models.eq_wav2vec2 import load_pretraining_checkpoint
 
-PRETRAINING = ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.2"]
-ROWS = ["fbank", "cssl.1", "none", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.2"]
+PRETRAINING = ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "ptloc.1.k1.r100", "cssl.1-temp", "cssl.2", "ptloc.2"]
+ROWS = ["fbank", "cssl.1", "none", "ptloc.1.k1", "cssl.1+2x", "ptloc.1.k1.r100", "cssl.1-temp", "cssl.2", "ptloc.2"]
 SETS = ["sv"]
 
 
@@ -35,6 +35,7 @@ def experiment(multilingual_corpus, tmp_path_factory):
     settings["gap"]["batches"] = 2
     settings["finetune"].update(max_update=4, sets={"multilingual": SETS})
     settings["probe"].update(updates=5, batch_size=4)
+    settings["step_size_sweep"] = {"ratios": [100], "presets": ["multilingual"]}
     path = out / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
     command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out]
@@ -85,6 +86,8 @@ def test_results_file_has_every_cell(experiment):
     assert math.isnan(result["detectable"]["probe"]["sv"]["cer"]["mdd"])
     assert "| minimum detectable CER difference | n/a (one seed) |" in table
     assert "| CSSL.1 − No pre-training (random init) |" in table
+    assert "| PTLOC.1 K=1 − CSSL.1 +2x updates (matched to PTLOC.1 K=1) |" in table
+    assert "| PTLOC.1 K=1 α/β=100 − CSSL.1 +2x updates (matched to PTLOC.1 K=1) |" in table
 
 
 def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
@@ -106,6 +109,25 @@ def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
     # Both continue from CSSL.1's result, and the temperature baseline draws one language per update.
     assert found["cssl.1+2x"]["input_sha256"] == found["ptloc.1.k1"]["input_sha256"] == found["cssl.1"]["sha256"]
     assert found["cssl.1-temp"]["passes"] == found["cssl.1-temp"]["num_updates"]
+    # The step-size sweep: the same passes from the same start, only alpha differs (alpha/beta = 100).
+    swept = load_pretraining_checkpoint(str(seed / "ptloc.1.k1.r100" / "checkpoint_last.pt"))
+    assert swept["cfg"]["task"]["inner_lr"] == pytest.approx(100 * 0.0001)
+    assert ptloc["cfg"]["task"]["inner_lr"] == pytest.approx(10 * 0.0001)
+    assert found["ptloc.1.k1.r100"]["passes"] == found["ptloc.1.k1"]["passes"]
+    assert found["ptloc.1.k1.r100"]["input_sha256"] == found["cssl.1"]["sha256"]
+    assert found["ptloc.1.k1.r100"]["compared_with"] == "cssl.1+2x"
+
+
+def test_the_step_size_sweep_runs_on_the_presets_it_names():
+    from eqssl.cli.reproduce import load_settings, plan_pretraining
+
+    settings = load_settings(str(REPO / "recipes" / "reproduce" / "small.yaml"))
+    settings["step_size_sweep"] = {"ratios": [100, 1000], "presets": ["multidomain"]}
+    runs = {run.name: run for run in plan_pretraining("multidomain", settings)}
+    assert [n for n in runs if ".r" in n] == ["ptloc.1.k1.r100", "ptloc.1.k1.r1000"]
+    assert "++task.inner_lr=0.1" in runs["ptloc.1.k1.r1000"].overrides
+    assert runs["ptloc.1.k1.r1000"].compared_with == "cssl.1+2x"
+    assert not [r for r in plan_pretraining("multilingual", settings) if ".r" in r.name]
 
 
 def test_validation_logs_the_gap_of_every_shard_in_every_run(experiment):

@@ -80,6 +80,8 @@ class PretrainRun:
     """Which of the run's checkpoints is its result."""
     matched_to: Optional[str] = None
     """For a compute-matched baseline: the PTLOC run whose passes it matches."""
+    compared_with: Optional[str] = None
+    """For a PTLOC run of the inner step-size sweep: the compute-matched CSSL run it is compared with."""
 
 
 FAMILIES = {"wav2vec2": "", "bestrq": "bestrq_"}
@@ -131,11 +133,12 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
     first = settings["inner_steps"][0]
     continued = common + settings.get("continued_overrides", [])  # every run that starts from another
 
-    def ptloc_run(name: str, label: str, k: int, init: str) -> PretrainRun:
+    def ptloc_run(name: str, label: str, k: int, init: str, inner_lr: float = ptloc["inner_lr"],
+                  compared_with: Optional[str] = None) -> PretrainRun:
         return PretrainRun(name, label, f"ptloc_{model}", continued + [
-            f"++task.inner_steps={k}", f"++task.inner_lr={ptloc['inner_lr']}", f"optimization.lr=[{ptloc['lr']}]",
+            f"++task.inner_steps={k}", f"++task.inner_lr={inner_lr}", f"optimization.lr=[{ptloc['lr']}]",
             f"optimization.max_update={ptloc['max_update']}", f"lr_scheduler.warmup_updates={ptloc['warmup_updates']}",
-        ], init_from=init)
+        ], init_from=init, compared_with=compared_with)
 
     cssl1 = settings["cssl1"]
     budget = [f"dataset.validate_interval_updates={cssl1['validate_interval_updates']}",
@@ -150,6 +153,14 @@ def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
                 f"optimization.lr=[{ptloc['lr']}]", f"optimization.max_update={ptloc['max_update'] * (k + 1)}",
                 f"lr_scheduler.warmup_updates={ptloc['warmup_updates'] * (k + 1)}",
             ], init_from="cssl.1", matched_to=f"ptloc.1.k{k}"))
+    sweep = settings.get("step_size_sweep") or {}
+    if preset in (sweep.get("presets") or [preset]):
+        # The paper fixes alpha/beta = 10; one inner step that small barely moves a shard's loss,
+        # so PTLOC's gradient is nearly CSSL's. Larger inner steps, against the same matched CSSL.
+        for ratio in sweep.get("ratios") or []:
+            runs.append(ptloc_run(f"ptloc.1.k{first}.r{ratio:g}", f"PTLOC.1 K={first} α/β={ratio:g}", first, "cssl.1",
+                                  inner_lr=float(f"{ratio * float(ptloc['lr']):.6g}"),
+                                  compared_with=f"cssl.1+{first + 1}x"))
     pretrain = preset_sets(preset, settings).pretrain
     if len({spec.language for spec in pretrain}) > 1:  # multilingual pre-training: language sampling
         temp = settings["temperature_baseline"]
@@ -358,7 +369,7 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     gap = measure(chain, os.path.join(folder, run.checkpoint))
     record = mark_finished(
         folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
-        init_from=run.init_from, matched_to=run.matched_to, num_updates=updates,
+        init_from=run.init_from, matched_to=run.matched_to, compared_with=run.compared_with, num_updates=updates,
         inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
         gap=gap, valid_accuracy=accuracy, chance=chance, seconds=round(time.time() - start, 1),
     )
@@ -593,6 +604,7 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
         pretraining = [per_seed[s][name]["pretraining"] for s in seeds]
         label = pretraining[0]["label"] if pretraining[0] else FBANK_LABEL
         row = {"label": label, "matched_to": pretraining[0]["matched_to"] if pretraining[0] else None,
+               "compared_with": pretraining[0].get("compared_with") if pretraining[0] else None,
                "probe": {}, "finetune": {}, "gap": {}, "valid_accuracy": {}, "chance": None, "passes": {},
                "num_updates": {}}
         for measure in MEASURES:
@@ -720,11 +732,12 @@ def markdown(preset: str, result: dict) -> str:
                 need = f"; {d['seeds_for_5_percent_relative']} seeds for 5 % rel." if d["seeds_for_5_percent_relative"] else ""
                 cells.append(f"{100 * d['mdd']:.1f} ({100 * d['mdd_relative']:.0f} % rel.){need}")
         lines += [f"| minimum detectable CER difference | " + " | ".join(cells) + " |", ""]
-        pairs = [(n, r["matched_to"]) for n, r in shown.items() if r["matched_to"] in shown]
+        pairs = [(r["matched_to"], n) for n, r in shown.items() if r["matched_to"] in shown]
+        pairs += [(n, r["compared_with"]) for n, r in shown.items() if r.get("compared_with") in shown]
         baseline = [("cssl.1", CONTROL)] if "cssl.1" in shown and CONTROL in shown else []
         if pairs or baseline:
             lines += [f"{title}: CER differences (points; * = beyond the minimum detectable difference)", ""]
-            lines += _difference_lines(result, measure, baseline + [(a, b) for b, a in pairs], heads) + [""]
+            lines += _difference_lines(result, measure, baseline + pairs, heads) + [""]
     gapped = {n: r for n, r in rows.items() if r["gap"]}
     shards = list(next(iter(gapped.values()))["gap"])
     lines += [f"### {preset}: validation loss / equilibrium gap per pre-training shard (bits per target)", "",
