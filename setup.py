@@ -1,6 +1,14 @@
 """eqssl: equilibrium-constrained (PTEC/PTLOC) self-supervised speech pre-training for fairseq."""
 
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+# The recipes (hydra, corpus presets, experiment settings) also go to <prefix>/share/eqssl/recipes,
+# where eqssl finds them when installed without the repository (pip install .).
+RECIPE_FILES = [(os.path.join("share", "eqssl", folder), sorted(glob.glob(os.path.join(folder, "*.yaml"))))
+                for folder in sorted({os.path.dirname(p) for p in glob.glob("recipes/**/*.yaml", recursive=True)})]
 
 setup(
     name="eqssl",
@@ -15,6 +23,7 @@ setup(
     # default editable install (an import hook) hides; a root package_dir makes `pip install -e`
     # put this folder on sys.path instead, as `setup.py develop` did (hydra issue #2359).
     package_dir={"": "."},
+    data_files=RECIPE_FILES,
     # One tested set; see README "Versions" for why each pin is what it is.
     install_requires=[
         "ve-fairseq==0.12.3",

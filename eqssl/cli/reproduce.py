@@ -48,11 +48,10 @@ import yaml
 
 from ..checkpoints import file_sha256
 from ..locking import FolderLockedError, folder_lock
-from ..corpus.presets import SIZES, CorpusError, Preset, is_file, load_preset, preset_name, preset_path
+from ..corpus.presets import RECIPES, SIZES, CorpusError, Preset, is_file, load_preset, preset_name, preset_path
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 """The eqssl package folder: fairseq's --user-dir."""
-RECIPES = os.path.join(os.path.dirname(PACKAGE), "recipes")
 MARKER = "eqssl_stage.json"
 CONTROL, CONTROL_LABEL = "none", "No pre-training (random init)"
 FBANK_LABEL = "FBANK (probe only)"

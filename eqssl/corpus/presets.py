@@ -22,6 +22,7 @@ import difflib
 import functools
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
@@ -70,8 +71,16 @@ class Preset:
     """Sizes of this preset's own (the ``sizes`` field), besides and before :data:`SIZES`."""
 
 
-RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
-"""The repository's recipes folder (as eqssl.cli.reproduce finds it), whatever the working folder."""
+def recipes_folder() -> str:
+    """The recipes folder: the repository's (an editable install or a checkout), else the copy a
+    plain ``pip install`` puts under ``<prefix>/share/eqssl/recipes`` (setup.py's data_files)."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes")
+    installed = os.path.join(sys.prefix, "share", "eqssl", "recipes")
+    return checkout if os.path.isdir(checkout) or not os.path.isdir(installed) else installed
+
+
+RECIPES = recipes_folder()
+"""The recipes folder (eqssl.cli.reproduce uses the same), whatever the working folder."""
 PRESET_DIR = os.path.join(RECIPES, "corpus")
 """The built-in presets: ``NAME.yaml``, selected by NAME."""
 
