@@ -600,7 +600,7 @@ def test_audio_at_another_sample_rate_is_one_error_naming_it(corpus_copy, tmp_pa
     save_dir = tmp_path / "field"
     result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/pretrain", "--config-name",
                   "cssl_bestrq_tiny", f"task.data={corpus_copy}", f"checkpoint.save_dir={save_dir}",
-                  f"common.user_dir={REPO / 'eqssl'}", "+task.sample_rate=8000", "optimization.max_update=2"])
+                  f"common.user_dir={REPO / 'eqssl'}", "task.sample_rate=8000", "optimization.max_update=2"])
     final = hydra_error(result)
     assert result.returncode != 0
     assert final.startswith("ValueError:") and "task.sample_rate=8000" in final and \
