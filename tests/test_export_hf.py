@@ -23,7 +23,8 @@ from conftest import REPO, run
 from eqssl.cli.evaluate import POST_PROCESS, decode_set, greedy_decode, load_checkpoint, load_test_set
 from eqssl.cli.export import ExportError, main
 from eqssl.cli.export_hf import REFUSED, export_hf
-from test_bestrq import bestrq_train, one_thread  # noqa: F401  (one_thread: autouse, one thread per process)
+from test_bestrq import one_thread  # noqa: F401  (autouse: one thread per process)
+from test_bestrq import pretrained as bestrq_checkpoint  # noqa: F401  (a fixture: 4 BEST-RQ updates)
 from test_export import labelled_folder, pretrained  # noqa: F401  (pretrained: a fixture, 48-wide)
 
 TOLERANCE = 1e-4
@@ -381,14 +382,6 @@ def test_spm_vocabulary_with_a_bar_piece_is_refused(finetuned, tmp_path):
     checkpoint = as_spm(finetuned[0], tmp_path / "bar.pt", ["|", *SPM_PIECES[1:]])
     with pytest.raises(ExportError, match=f"{tmp_path / 'bar.pt'}: the SentencePiece dictionary has a '\\|' piece"):
         export_hf(str(checkpoint), str(tmp_path / "hf"))
-
-
-@pytest.fixture(scope="module")
-def bestrq_checkpoint(corpus, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("hf_bestrq")
-    result = bestrq_train(corpus, save_dir, "--inner-steps", "0", "--max-update", "1", "--disable-validation")
-    assert result.returncode == 0, result.stdout[-3000:]
-    return save_dir / "checkpoint_last.pt"
 
 
 def test_bestrq_is_refused(bestrq_checkpoint, tmp_path, capsys):
