@@ -293,12 +293,15 @@ def test_bestrq_family_runs_compose(size):
 
     settings = load_settings(size, "bestrq")
     wav2vec2 = load_settings(size)
-    # the family's fine-tuning recipe, merged into the rest of the fine-tuning settings
+    # the family's fine-tuning fields, merged into the rest of the fine-tuning settings: the same
+    # rows and sets (its budget may differ)
     assert settings["finetune"]["recipe"].startswith("ctc_bestrq_")
-    assert {k: v for k, v in settings["finetune"].items() if k != "recipe"} == \
-        {k: v for k, v in wav2vec2["finetune"].items() if k != "recipe"}
+    for key in ("checkpoints", "sets", "preset_overrides"):
+        assert settings["finetune"].get(key) == wav2vec2["finetune"].get(key), key
     plan = plan_pretraining("multidomain", settings)
-    assert [r.name for r in plan] == [r.name for r in plan_pretraining("multidomain", load_settings(size))]
+    # every run of wav2vec 2.0's plan, in the same order (the family may add the step-size sweep)
+    names = [r.name for r in plan if ".r" not in r.name]
+    assert names == [r.name for r in plan_pretraining("multidomain", wav2vec2)]
     for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.k1")):
         assert run_.recipe.startswith(("cssl_bestrq_", "ptloc_bestrq_"))
         assert not any("latent_temp" in o for o in run_.overrides)
