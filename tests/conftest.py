@@ -131,3 +131,14 @@ def comm_records(comm_log, rank: int = 0) -> list:
     """The per-update all-reduce records examples/fairseq_train_counting.py wrote for ``rank``."""
     path = Path(f"{comm_log}.rank{rank}")
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def tensorboard_scalars(logdir) -> dict:
+    """{log kind: {tag: [(step, value), ...]}} of a TensorBoard folder, read back with TensorBoard's
+    own event reader by examples/plot_tensorboard.py (imported by path), the README figure's script."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_tensorboard", REPO / "examples" / "plot_tensorboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.read_scalars(str(logdir))

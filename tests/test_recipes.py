@@ -1,13 +1,12 @@
 """The hydra recipes from any working folder: composition, overrides, a real run, TensorBoard."""
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run
+from conftest import REPO, run, tensorboard_scalars
 
 # recipes/reproduce holds eqssl-reproduce's settings, not hydra recipes (tests/test_reproduce.py).
 RECIPES = sorted(p for group in ("pretrain", "finetune") for p in (REPO / "recipes" / group).glob("*.yaml"))
@@ -83,15 +82,6 @@ def test_a_recipe_trains_from_another_folder(recipe_run):
     assert cfg["common"]["user_dir"] == str(REPO / "eqssl")
     assert cfg["task"]["validation_gap_steps"] == 1
     assert checkpoint["extra_state"]["train_iterator"]["epoch"] >= 1
-
-
-def tensorboard_scalars(logdir: Path) -> dict:
-    """{run: {tag: [(step, value), ...]}}, read back with TensorBoard's own event reader by
-    examples/plot_tensorboard.py (imported by path), the README figure's script."""
-    spec = importlib.util.spec_from_file_location("plot_tensorboard", REPO / "examples" / "plot_tensorboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.read_scalars(str(logdir))
 
 
 def test_per_shard_scalars_land_in_tensorboard(recipe_run, corpus):

@@ -214,7 +214,7 @@ def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed:
     name, chosen, counts = check_inputs(preset, size)
     settings = {"preset": name, "size": size, "seed": seed, "generator_version": GENERATOR_VERSION,
                 "preset_definition": settings_of(chosen)}
-    legacy_ok = ORIGINAL_BUILTINS.get(name) == definition_digest(settings_of(chosen))
+    legacy_ok = ORIGINAL_BUILTINS.get(name) == definition_digest(settings["preset_definition"])
     claim_folder(out, settings, legacy_ok, write=False)  # a foreign folder is refused before the lock file
     with folder_lock(out, "eqssl-make-corpus"):
         claim_folder(out, settings, legacy_ok)
