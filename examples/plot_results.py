@@ -8,7 +8,12 @@ Writes, per preset, into the figure folder:
   shard, for CSSL.1 and the runs continued from it (one seed);
 - ``results_<preset>_wer.png``: WER and CER per fine-tuning set for every checkpoint, one row per
   downstream measure (frozen-upstream probe, fine-tuning), with the standard deviation over seeds
-  as error bars.
+  as error bars;
+- ``results_<preset>_curves.png``: CSSL.1's validation accuracy per shard against updates, every
+  seed, with chance (the majority code for BEST-RQ);
+- ``results_<preset>_step_size.png`` (where the settings swept it): PTLOC.1's mean gap and its
+  downstream CER minus the compute-matched CSSL's, against α/β.
+Names start ``results_bestrq_`` for the BEST-RQ family.
 Existing figures are replaced (they are generated files); nothing else is written.
 """
 
@@ -112,6 +117,57 @@ def plot_wer(preset: str, result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(out: str, preset: str, result: dict, path: str) -> None:
+    """CSSL.1's validation accuracy per shard against updates, one line per seed."""
+    row = result["checkpoints"]["cssl.1"]
+    shards = list(row["valid_accuracy"])
+    fig, axes = plt.subplots(1, len(shards), figsize=(3.2 * len(shards), 3.0), sharey=True, squeeze=False)
+    for seed in result["seeds"]:
+        curve = validation_curve(os.path.join(out, preset, f"seed{seed}", "cssl.1", "train.log"))
+        x = [v["num_updates"] for v in curve]
+        for j, shard in enumerate(shards):
+            axes[0, j].plot(x, [v.get(f"accuracy_{shard}", np.nan) for v in curve], marker=".", markersize=3,
+                            label=f"seed {seed}" if j == 0 else None)
+            majority = [v.get(f"majority_{shard}") for v in curve]
+            if all(m is not None for m in majority):  # BEST-RQ: the majority code's share
+                axes[0, j].plot(x, majority, color="0.5", linestyle="--", linewidth=0.8)
+    for j, shard in enumerate(shards):
+        if row.get("chance") and result.get("family") != "bestrq":
+            axes[0, j].axhline(row["chance"], color="0.5", linestyle="--", linewidth=0.8)
+        axes[0, j].set_title(shard)
+        axes[0, j].set_xlabel("updates")
+    axes[0, 0].set_ylabel("validation accuracy\n(dashed: chance)")
+    fig.legend(loc="lower center", ncol=len(result["seeds"]), fontsize=7, frameon=False)
+    fig.suptitle(f"{preset}: CSSL.1 learning curves", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.94))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_step_size(preset: str, result: dict, path: str) -> None:
+    """PTLOC.1's mean gap and downstream CER minus the matched CSSL's, against alpha/beta."""
+    sweep = result["step_size"]
+    ratios = [e["ratio"] for e in sweep]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(ratios, [e["gap_difference"] for e in sweep], marker="o")
+    axes[0].set_ylabel("mean gap: PTLOC − matched CSSL (bits)")
+    for measure, title in MEASURES.items():
+        points = [(e["ratio"], 100 * e[measure]["cer_difference"]) for e in sweep if measure in e]
+        if points:
+            axes[1].plot(*zip(*points), marker="o", label=title)
+    axes[1].set_ylabel("CER: PTLOC − matched CSSL (points)")
+    axes[1].legend(fontsize=7)
+    for axis in axes:
+        axis.set_xscale("log")
+        axis.axhline(0, color="0.5", linewidth=0.8)
+        axis.set_xlabel("α/β (inner over outer step size)")
+    fig.suptitle(f"{preset}: PTLOC.1 against its inner step size, mean over {len(result['seeds'])} seed(s)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="the eqssl-reproduce --out folder")
@@ -121,11 +177,18 @@ def main() -> None:
     summary = latest_results(args.out)
     os.makedirs(args.figures, exist_ok=True)
     for preset, result in summary["presets"].items():
-        gap = os.path.join(args.figures, f"results_{preset}_gap.png")
-        wer = os.path.join(args.figures, f"results_{preset}_wer.png")
-        plot_gap(args.out, preset, result, args.seed, gap)
-        plot_wer(preset, result, wer)
-        print(f"wrote {gap} and {wer}")
+        family = result.get("family", "wav2vec2")
+        stem = os.path.join(args.figures, "results_" + ("" if family == "wav2vec2" else f"{family}_") + preset)
+        plot_gap(args.out, preset, result, args.seed, f"{stem}_gap.png")
+        plot_wer(preset, result, f"{stem}_wer.png")
+        written = [f"{stem}_gap.png", f"{stem}_wer.png"]
+        if "cssl.1" in result["checkpoints"] and result["checkpoints"]["cssl.1"]["valid_accuracy"]:
+            plot_curves(args.out, preset, result, f"{stem}_curves.png")
+            written.append(f"{stem}_curves.png")
+        if result.get("step_size"):
+            plot_step_size(preset, result, f"{stem}_step_size.png")
+            written.append(f"{stem}_step_size.png")
+        print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":

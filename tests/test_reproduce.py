@@ -88,6 +88,25 @@ def test_results_file_has_every_cell(experiment):
     assert "| CSSL.1 − No pre-training (random init) |" in table
     assert "| PTLOC.1 K=1 − CSSL.1 +2x updates (matched to PTLOC.1 K=1) |" in table
     assert "| PTLOC.1 K=1 α/β=100 − CSSL.1 +2x updates (matched to PTLOC.1 K=1) |" in table
+    assert "| the paper's multilingual gains (0.8–3.4 % rel.) on CSSL.1's CER |" in table
+    # The gap of each PTLOC run against its matched CSSL, paired by seed, from the stage records.
+    found = records(out)
+    gaps = {d["a"]: d for d in result["gap_differences"]}
+    assert sorted(gaps) == ["ptloc.1.k1", "ptloc.1.k1.r100"]
+    for shard in ("en", "fr", "nl"):
+        expected = found["ptloc.1.k1"]["gap"][shard]["gap"] - found["cssl.1+2x"]["gap"][shard]["gap"]
+        assert gaps["ptloc.1.k1"]["gap"][shard]["mean"] == pytest.approx(expected)
+    assert "PTLOC minus its compute-matched CSSL (bits" in table
+    assert "Gap against frozen-upstream probe CER: Spearman ρ = " in table
+    # The sweep: alpha/beta 10 (the paper's) and 100, each against the same matched CSSL.
+    assert [(e["name"], e["ratio"], e["against"]) for e in result["step_size"]] == [
+        ("ptloc.1.k1", 10.0, "cssl.1+2x"), ("ptloc.1.k1.r100", 100.0, "cssl.1+2x")]
+    probe_delta = found["probe ptloc.1.k1.r100/sv"]["cer"] - found["probe cssl.1+2x/sv"]["cer"]
+    assert result["step_size"][1]["probe"]["cer_difference"] == pytest.approx(probe_delta)
+    assert "| 100 | 0.01 |" in table
+    seconds = result["seconds"]
+    assert seconds["pretraining"] == pytest.approx(sum(found[n]["seconds"] for n in PRETRAINING + ["none"]))
+    assert "Compute of multilingual (1 seed(s))" in table
 
 
 def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
@@ -317,3 +336,17 @@ def test_a_family_without_its_settings_section_is_refused(tmp_path):
     path.write_text(text)
     with pytest.raises(ReproduceError, match=r"mine.yaml: no families.bestrq section"):
         load_settings(str(path), "bestrq")
+
+
+def test_paired_differences_and_rank_correlation_by_hand():
+    from eqssl.cli.reproduce import paired_difference, spearman
+
+    d = paired_difference([0.30, 0.32, 0.28], [0.31, 0.35, 0.30])  # deltas -0.01, -0.03, -0.02
+    assert d["mean"] == pytest.approx(-0.02) and d["sd"] == pytest.approx(0.01)
+    half = 4.303 * 0.01 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert (d["low"], d["high"]) == (pytest.approx(-0.02 - half), pytest.approx(-0.02 + half))
+    assert math.isnan(paired_difference([0.3], [0.2])["low"])
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(0.8660254)  # ties share their mean rank
+    assert math.isnan(spearman([1, 2], [2, 1]))

@@ -592,6 +592,141 @@ def seeds_needed(pooled_sd: float, difference: float) -> int:
     return max(2, math.ceil(2.0 * (Z_SUM * pooled_sd / difference) ** 2))
 
 
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+"""Two-sided 95 % quantiles of Student's t by degrees of freedom (the next smaller entry is used)."""
+
+PAPER_GAINS = {"multi-domain": (0.045, 0.30), "multilingual": (0.008, 0.034)}
+"""The paper's one-round relative gains of PTLOC over CSSL (../shared/METHOD.md), by pre-training kind."""
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """a − b paired by seed: mean, sd and the 95 % t-interval of the mean (nan bounds for one seed)."""
+    deltas = [x - y for x, y in zip(a, b)]
+    m, sd, n = mean(deltas), spread(deltas), len(deltas)
+    t = T_95[max(k for k in T_95 if k <= n - 1)] if n > 1 else math.nan
+    half = t * sd / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": m, "sd": sd, "low": m - half, "high": m + half, "seeds": n}
+
+
+def ranks(values: Sequence[float]) -> List[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (nan for fewer than 3 points or a constant series)."""
+    if len(x) < 3:
+        return math.nan
+    rx, ry = ranks(x), ranks(y)
+    mx, my = mean(rx), mean(ry)
+    sx = math.sqrt(sum((v - mx) ** 2 for v in rx))
+    sy = math.sqrt(sum((v - my) ** 2 for v in ry))
+    if sx == 0 or sy == 0:
+        return math.nan
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+
+
+def pretraining_kind(preset: str, settings: dict) -> str:
+    """"multilingual" when the pre-training shards differ in language, else "multi-domain"."""
+    return "multilingual" if len({s.language for s in preset_sets(preset, settings).pretrain}) > 1 else "multi-domain"
+
+
+def comparison_pairs(table: dict) -> List[tuple]:
+    """(a, b) row pairs the tables compare as a − b: CSSL.1 − no pre-training, every PTLOC − its
+    compute-matched CSSL, and every run of the step-size sweep − the matched CSSL it names."""
+    pairs = [("cssl.1", CONTROL)] if "cssl.1" in table and CONTROL in table else []
+    pairs += [(r["matched_to"], n) for n, r in table.items() if r["matched_to"] in table]
+    pairs += [(n, r["compared_with"]) for n, r in table.items() if r.get("compared_with") in table]
+    return pairs
+
+
+def mean_gap(record: dict) -> float:
+    """A pre-trained checkpoint's equilibrium gap averaged over its shards."""
+    return mean(shard["gap"] for shard in record["gap"].values())
+
+
+def stage_seconds(per_seed: Dict[int, dict]) -> Dict[str, float]:
+    """Seconds the finished stages took (their records), summed over seeds, per kind of stage."""
+    total = {"pretraining": 0.0, "probe": 0.0, "finetune": 0.0}
+    for results in per_seed.values():
+        for row in results.values():
+            if row["pretraining"]:
+                total["pretraining"] += row["pretraining"].get("seconds") or 0.0
+            for measure in ("probe", "finetune"):
+                total[measure] += sum(r.get("seconds") or 0.0 for r in row[measure].values())
+    return total
+
+
+def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict) -> dict:
+    """Differences paired by seed (CER, gap), the gap against downstream CER, and the step-size sweep."""
+    seeds = sorted(per_seed)
+    sets = finetune_sets(preset, settings)
+    comparisons = {measure: [] for measure in MEASURES}
+    gap_differences = []
+    for a, b in comparison_pairs(table):
+        for measure in MEASURES:
+            cells = {}
+            for s in sets:
+                if s in table[a][measure] and s in table[b][measure]:
+                    cells[s] = paired_difference([per_seed[n][a][measure][s]["cer"] for n in seeds],
+                                                 [per_seed[n][b][measure][s]["cer"] for n in seeds])
+            if cells:
+                comparisons[measure].append({"a": a, "b": b, "cer": cells})
+        if b != CONTROL:
+            records = {name: [per_seed[n][name]["pretraining"] for n in seeds] for name in (a, b)}
+            shards = {shard: paired_difference([r["gap"][shard]["gap"] for r in records[a]],
+                                               [r["gap"][shard]["gap"] for r in records[b]])
+                      for shard in records[a][0]["gap"]}
+            shards["mean"] = paired_difference([mean_gap(r) for r in records[a]], [mean_gap(r) for r in records[b]])
+            gap_differences.append({"a": a, "b": b, "gap": shards})
+    # Does a lower gap go with better downstream scores? Every pre-trained row (not random weights).
+    gap_vs_cer = {}
+    for measure in MEASURES:
+        points = [(name, mean(mean_gap(per_seed[n][name]["pretraining"]) for n in seeds),
+                   mean(row[measure][s]["cer"]["mean"] for s in sets))
+                  for name, row in table.items()
+                  if name != CONTROL and row["gap"] and all(s in row[measure] for s in sets)]
+        gap_vs_cer[measure] = {"rows": [{"name": n, "gap": g, "cer": c} for n, g, c in points],
+                               "spearman": spearman([p[1] for p in points], [p[2] for p in points])}
+    sweep = []
+    ptloc = settings["ptloc"]
+    base = float(ptloc["inner_lr"]) / float(ptloc["lr"])
+    first = settings["inner_steps"][0]
+    for name, row in table.items():
+        match = re.fullmatch(rf"ptloc\.1\.k{first}(?:\.r([\d.e+-]+))?", name)
+        if not match or not row["gap"]:
+            continue
+        ratio = float(match.group(1)) if match.group(1) else base
+        against = row.get("compared_with") or next((n for n, r in table.items() if r["matched_to"] == name), None)
+        entry = {"name": name, "ratio": ratio, "inner_lr": ratio * float(ptloc["lr"]), "against": against,
+                 "gap": mean(mean_gap(per_seed[n][name]["pretraining"]) for n in seeds)}
+        if against:
+            entry["gap_difference"] = next((d["gap"]["mean"]["mean"] for d in gap_differences
+                                            if {d["a"], d["b"]} == {name, against}), None)
+            for measure in MEASURES:
+                cells = [paired_difference([per_seed[n][name][measure][s]["cer"] for n in seeds],
+                                           [per_seed[n][against][measure][s]["cer"] for n in seeds])
+                         for s in sets if s in table[name][measure] and s in table[against][measure]]
+                if cells:
+                    entry[measure] = {"cer_difference": mean(c["mean"] for c in cells), "sets": len(cells)}
+        sweep.append(entry)
+    sweep.sort(key=lambda e: e["ratio"])
+    return {"comparisons": comparisons, "gap_differences": gap_differences, "gap_vs_cer": gap_vs_cer,
+            "step_size": sweep if len(sweep) > 1 else [], "seconds": stage_seconds(per_seed),
+            "kind": pretraining_kind(preset, settings)}
+
+
 def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
     """One preset's results: per row (checkpoint, FBANK), per measure and set, WER and CER over
     seeds with the minimum detectable difference; gaps, validation accuracy, passes."""
@@ -640,7 +775,7 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
                     "seeds_for_5_percent_relative": seeds_needed(pooled, 0.05 * reference)
                     if reference and pooled > 0 else None}
     return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable,
-            "family": settings.get("family", "wav2vec2")}
+            "family": settings.get("family", "wav2vec2"), **analyse(preset, settings, per_seed, table)}
 
 
 LEARNED = 2.0
@@ -669,21 +804,91 @@ def _cell(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}"
 
 
-def _difference_lines(result: dict, measure: str, pairs: List[tuple], heads: List[str]) -> List[str]:
-    """Rows of `a minus b` CER differences, * where |Δ| exceeds the minimum detectable difference."""
+def _difference_lines(result: dict, measure: str, heads: List[str]) -> List[str]:
+    """Rows of `a minus b` CER differences paired by seed, in points, with the relative change
+    against b and the 95 % interval; * where |Δ| exceeds the minimum detectable difference."""
     rows, sets = result["checkpoints"], result["sets"]
     lines = ["| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
-    for a, b in pairs:
+    for pair in result["comparisons"][measure]:
         cells = []
         for s in sets:
-            if s not in rows[a][measure] or s not in rows[b][measure]:
+            d = pair["cer"].get(s)
+            if d is None:
                 cells.append("–")
                 continue
-            delta = 100 * (rows[a][measure][s]["cer"]["mean"] - rows[b][measure][s]["cer"]["mean"])
             mdd = result["detectable"][measure][s]["cer"]["mdd"]
-            cells.append(f"{delta:+.1f}{'*' if math.isfinite(mdd) and abs(delta) > 100 * mdd else ''}")
-        lines.append(f"| {rows[a]['label']} − {rows[b]['label']} | " + " | ".join(cells) + " |")
+            star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
+            relative = d["mean"] / rows[pair["b"]][measure][s]["cer"]["mean"]
+            cell = f"{100 * d['mean']:+.1f}{star} ({100 * relative:+.0f} %)"
+            if math.isfinite(d["low"]):
+                cell += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+            cells.append(cell)
+        lines.append(f"| {rows[pair['a']]['label']} − {rows[pair['b']]['label']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _gap_lines(preset: str, result: dict) -> List[str]:
+    """The gap of each PTLOC run minus its matched CSSL's, and the gap against downstream CER."""
+    rows, lines = result["checkpoints"], []
+    differences = result.get("gap_differences") or []
+    if differences:
+        shards = list(differences[0]["gap"])
+        lines += [f"### {preset}: equilibrium gap, PTLOC minus its compute-matched CSSL (bits; paired over seeds, "
+                  "95 % interval; negative: PTLOC is nearer equilibrium)", "",
+                  "| comparison | " + " | ".join(shards) + " |", "|---|" + "---|" * len(shards)]
+        for d in differences:
+            cells = [f"{g['mean']:+.4f}" + (f" [{g['low']:+.4f}, {g['high']:+.4f}]" if math.isfinite(g["low"]) else "")
+                     for g in d["gap"].values()]
+            lines.append(f"| {rows[d['a']]['label']} − {rows[d['b']]['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for measure, title in MEASURES.items():
+        found = (result.get("gap_vs_cer") or {}).get(measure)
+        if found and len(found["rows"]) >= 3:
+            rho = found["spearman"]
+            lines.append(f"Gap against {title} CER: Spearman ρ = {rho:+.2f} over {len(found['rows'])} pre-trained "
+                         "checkpoints (mean gap over shards and seeds against mean CER over sets and seeds; "
+                         "ρ > 0: a lower gap goes with a lower CER).")
+    return lines + [""] if lines else []
+
+
+def _step_size_lines(preset: str, result: dict) -> List[str]:
+    """The inner step-size sweep: per α/β, PTLOC.1's gap and its downstream CER minus the matched CSSL's."""
+    sweep = result.get("step_size") or []
+    if not sweep:
+        return []
+    rows = result["checkpoints"]
+    lines = [f"### {preset}: the inner step size of PTLOC.1 (α = ratio × β; each against the same compute-matched "
+             "CSSL, mean over seeds and sets)", "",
+             "| α/β | α | mean gap (bits) | gap − matched CSSL's | probe CER − matched (points) "
+             "| fine-tuning CER − matched (points) |", "|---|---|---|---|---|---|"]
+    for e in sweep:
+        diff = e.get("gap_difference")
+        cells = [f"{e['ratio']:g}", f"{e['inner_lr']:g}", f"{e['gap']:.4f}", f"{diff:+.4f}" if diff is not None else "–"]
+        cells += [f"{100 * e[m]['cer_difference']:+.1f}" if m in e else "–" for m in MEASURES]
+        lines.append("| " + " | ".join(cells) + " |")
+    against = {e["against"] for e in sweep if e.get("against")}
+    if against:
+        lines += ["", "Matched CSSL: " + ", ".join(rows[a]["label"] for a in sorted(against)) + "."]
+    return lines + [""]
+
+
+def _paper_gain_cells(result: dict, measure: str) -> List[str]:
+    """Per set, the paper's one-round relative gains for this kind of pre-training in CER points of CSSL.1."""
+    low, high = PAPER_GAINS[result.get("kind", "multi-domain")]
+    cells = []
+    for s in result["sets"]:
+        reference = result["detectable"][measure][s].get("cer", {}).get("cssl1_mean")
+        cells.append(f"{100 * low * reference:.1f}–{100 * high * reference:.1f}" if reference else "–")
+    return cells
+
+
+def _cost_line(preset: str, result: dict) -> str:
+    seconds = result.get("seconds")
+    if not seconds:
+        return ""
+    parts = ", ".join(f"{name} {value / 60:.0f}" for name, value in seconds.items())
+    return (f"Compute of {preset} ({len(result['seeds'])} seed(s)), the stages' own times summed: {parts} minutes; "
+            f"{sum(seconds.values()) / 3600:.1f} process-hours in all.\n")
 
 
 def markdown(preset: str, result: dict) -> str:
@@ -730,13 +935,14 @@ def markdown(preset: str, result: dict) -> str:
             else:
                 need = f"; {d['seeds_for_5_percent_relative']} seeds for 5 % rel." if d["seeds_for_5_percent_relative"] else ""
                 cells.append(f"{100 * d['mdd']:.1f} ({100 * d['mdd_relative']:.0f} % rel.){need}")
-        lines += [f"| minimum detectable CER difference | " + " | ".join(cells) + " |", ""]
-        pairs = [(r["matched_to"], n) for n, r in shown.items() if r["matched_to"] in shown]
-        pairs += [(n, r["compared_with"]) for n, r in shown.items() if r.get("compared_with") in shown]
-        baseline = [("cssl.1", CONTROL)] if "cssl.1" in shown and CONTROL in shown else []
-        if pairs or baseline:
-            lines += [f"{title}: CER differences (points; * = beyond the minimum detectable difference)", ""]
-            lines += _difference_lines(result, measure, baseline + pairs, heads) + [""]
+        lines.append("| minimum detectable CER difference | " + " | ".join(cells) + " |")
+        low, high = PAPER_GAINS[result.get("kind", "multi-domain")]
+        lines += [f"| the paper's {result.get('kind', 'multi-domain')} gains ({100 * low:g}–{100 * high:g} % rel.) "
+                  "on CSSL.1's CER | " + " | ".join(_paper_gain_cells(result, measure)) + " |", ""]
+        if result["comparisons"][measure]:
+            lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
+                      "* = beyond the minimum detectable difference)", ""]
+            lines += _difference_lines(result, measure, heads) + [""]
     gapped = {n: r for n, r in rows.items() if r["gap"]}
     shards = list(next(iter(gapped.values()))["gap"])
     lines += [f"### {preset}: validation loss / equilibrium gap per pre-training shard (bits per target)", "",
@@ -744,7 +950,8 @@ def markdown(preset: str, result: dict) -> str:
     for row in gapped.values():
         cells = [f"{row['gap'][s]['loss_before']['mean']:.3f} / {row['gap'][s]['gap']['mean']:+.4f}" for s in shards]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {next(iter(row['passes'].values()))} |")
-    return "\n".join(lines) + "\n"
+    lines += [""] + _gap_lines(preset, result) + _step_size_lines(preset, result)
+    return "\n".join(lines) + "\n" + _cost_line(preset, result)
 
 
 def new_path(path: str) -> str:
