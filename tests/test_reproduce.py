@@ -5,7 +5,6 @@ baseline really makes as many passes as the PTLOC run. Which method wins is not 
 
 import json
 import math
-import os
 
 import pytest
 import yaml
@@ -350,3 +349,33 @@ def test_paired_differences_and_rank_correlation_by_hand():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(0.8660254)  # ties share their mean rank
     assert math.isnan(spearman([1, 2], [2, 1]))
+
+
+def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment):
+    """aggregate on the finished seed and a copy of it with known shifts: the paired spread, not
+    each row's, sets the minimum detectable difference of PTLOC against its matched CSSL."""
+    import copy
+
+    from eqssl.cli.reproduce import Z_SUM, Chain, aggregate, collect_chain, load_settings, markdown, resolve_presets
+
+    out, _, _ = experiment
+    settings = load_settings(str(out / "settings.yaml"))
+    settings["preset_files"] = resolve_presets(["multilingual"], settings)
+    first = collect_chain(Chain("multilingual", 1, str(out), settings, 1))
+    second = copy.deepcopy(first)
+    second["ptloc.1.k1"]["probe"]["sv"]["cer"] += 0.02
+    second["cssl.1+2x"]["probe"]["sv"]["cer"] += 0.04  # also the matched CSSL of the r100 run
+    result = aggregate("multilingual", settings, {1: first, 2: second})
+    pairs = {(c["a"], c["b"]): c["cer"]["sv"] for c in result["comparisons"]["probe"]}
+    delta = first["ptloc.1.k1"]["probe"]["sv"]["cer"] - first["cssl.1+2x"]["probe"]["sv"]["cer"]
+    assert pairs[("ptloc.1.k1", "cssl.1+2x")]["mean"] == pytest.approx(delta - 0.01)
+    assert pairs[("ptloc.1.k1", "cssl.1+2x")]["sd"] == pytest.approx(0.02 / math.sqrt(2))
+    assert pairs[("ptloc.1.k1.r100", "cssl.1+2x")]["sd"] == pytest.approx(0.04 / math.sqrt(2))
+    assert pairs[("cssl.1", "none")]["sd"] == pytest.approx(0.0)
+    pooled = math.sqrt((0.02 ** 2 / 2 + 0.04 ** 2 / 2) / 2)
+    found = result["detectable"]["probe"]["sv"]["cer"]
+    assert found["paired_sd"] == pytest.approx(pooled)
+    assert found["paired_mdd"] == pytest.approx(Z_SUM * pooled / math.sqrt(2))
+    table = markdown("multilingual", result)
+    assert "| … paired, PTLOC − matched CSSL | " in table and "mean ± sd over 2 seed(s)" in table
+    assert f"{100 * (delta - 0.01):+.1f}" in table

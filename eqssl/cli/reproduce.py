@@ -774,8 +774,24 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
                     "mdd_relative": mdd / reference if reference else math.nan,
                     "seeds_for_5_percent_relative": seeds_needed(pooled, 0.05 * reference)
                     if reference and pooled > 0 else None}
+    analysis = analyse(preset, settings, per_seed, table)
+    for measure in MEASURES:
+        for set_name in sets:
+            found = detectable[measure][set_name].get("cer")
+            # PTLOC and its matched CSSL share their seed's CSSL.1 and probe or fine-tuning seed:
+            # the spread of their paired differences, not of each row, limits what can be seen.
+            sds = [c["cer"][set_name]["sd"] for c in analysis["comparisons"][measure]
+                   if c["b"] != CONTROL and set_name in c["cer"]]
+            if not found or not sds:
+                continue
+            pooled = math.sqrt(mean(sd ** 2 for sd in sds))
+            mdd = Z_SUM * pooled / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
+            reference = found["cssl1_mean"]
+            found.update(paired_sd=pooled, paired_mdd=mdd, paired_mdd_relative=mdd / reference if reference else math.nan,
+                         paired_seeds_for_5_percent_relative=max(2, math.ceil((Z_SUM * pooled / (0.05 * reference)) ** 2))
+                         if reference and pooled > 0 else None)
     return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable,
-            "family": settings.get("family", "wav2vec2"), **analyse(preset, settings, per_seed, table)}
+            "family": settings.get("family", "wav2vec2"), **analysis}
 
 
 LEARNED = 2.0
@@ -816,7 +832,8 @@ def _difference_lines(result: dict, measure: str, heads: List[str]) -> List[str]
             if d is None:
                 cells.append("–")
                 continue
-            mdd = result["detectable"][measure][s]["cer"]["mdd"]
+            found = result["detectable"][measure][s]["cer"]
+            mdd = found["mdd"] if pair["b"] == CONTROL else found.get("paired_mdd", math.nan)
             star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
             relative = d["mean"] / rows[pair["b"]][measure][s]["cer"]["mean"]
             cell = f"{100 * d['mean']:+.1f}{star} ({100 * relative:+.0f} %)"
@@ -936,12 +953,23 @@ def markdown(preset: str, result: dict) -> str:
                 need = f"; {d['seeds_for_5_percent_relative']} seeds for 5 % rel." if d["seeds_for_5_percent_relative"] else ""
                 cells.append(f"{100 * d['mdd']:.1f} ({100 * d['mdd_relative']:.0f} % rel.){need}")
         lines.append("| minimum detectable CER difference | " + " | ".join(cells) + " |")
+        if any("paired_mdd" in detectable[s].get("cer", {}) for s in sets):
+            cells = []
+            for s in sets:
+                d = detectable[s].get("cer") or {}
+                if not math.isfinite(d.get("paired_mdd", math.nan)):
+                    cells.append("n/a (one seed)" if seeds == 1 else "–")
+                    continue
+                need = d["paired_seeds_for_5_percent_relative"]
+                cells.append(f"{100 * d['paired_mdd']:.1f} ({100 * d['paired_mdd_relative']:.0f} % rel.)"
+                             + (f"; {need} seeds for 5 % rel." if need else ""))
+            lines.append("| … paired, PTLOC − matched CSSL | " + " | ".join(cells) + " |")
         low, high = PAPER_GAINS[result.get("kind", "multi-domain")]
         lines += [f"| the paper's {result.get('kind', 'multi-domain')} gains ({100 * low:g}–{100 * high:g} % rel.) "
                   "on CSSL.1's CER | " + " | ".join(_paper_gain_cells(result, measure)) + " |", ""]
         if result["comparisons"][measure]:
             lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
-                      "* = beyond the minimum detectable difference)", ""]
+                      "* = beyond the minimum detectable difference: the paired one for PTLOC rows)", ""]
             lines += _difference_lines(result, measure, heads) + [""]
     gapped = {n: r for n, r in rows.items() if r["gap"]}
     shards = list(next(iter(gapped.values()))["gap"])
