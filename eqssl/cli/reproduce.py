@@ -581,15 +581,16 @@ Z_SUM = 1.959964 + 0.841621
 is detected four times in five."""
 
 
-def minimum_detectable_difference(pooled_sd: float, seeds: int) -> float:
+def minimum_detectable_difference(pooled_sd: float, seeds: int, paired: bool = False) -> float:
     """The smallest true difference between two rows of `seeds` seeds each that a 5 % two-sided
-    test detects with 80 % power, given the per-seed standard deviation (nan for one seed)."""
-    return Z_SUM * math.sqrt(2.0 / seeds) * pooled_sd if seeds > 1 else math.nan
+    test detects with 80 % power, given the per-seed standard deviation (nan for one seed);
+    ``paired``: the standard deviation is that of the per-seed differences."""
+    return Z_SUM * math.sqrt((1.0 if paired else 2.0) / seeds) * pooled_sd if seeds > 1 else math.nan
 
 
-def seeds_needed(pooled_sd: float, difference: float) -> int:
+def seeds_needed(pooled_sd: float, difference: float, paired: bool = False) -> int:
     """Seeds per row for minimum_detectable_difference to reach `difference`."""
-    return max(2, math.ceil(2.0 * (Z_SUM * pooled_sd / difference) ** 2))
+    return max(2, math.ceil((1.0 if paired else 2.0) * (Z_SUM * pooled_sd / difference) ** 2))
 
 
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -708,18 +709,16 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
         if not match or not row["gap"]:
             continue
         ratio = float(match.group(1)) if match.group(1) else base
-        against = row.get("compared_with") or next((n for n, r in table.items() if r["matched_to"] == name), None)
-        entry = {"name": name, "ratio": ratio, "inner_lr": ratio * float(ptloc["lr"]), "against": against,
+        gap = next((d for d in gap_differences if d["a"] == name), None)  # PTLOC is always a
+        entry = {"name": name, "ratio": ratio, "inner_lr": ratio * float(ptloc["lr"]),
+                 "against": gap["b"] if gap else None,
                  "gap": mean(mean_gap(per_seed[n][name]["pretraining"]) for n in seeds)}
-        if against:
-            entry["gap_difference"] = next((d["gap"]["mean"]["mean"] for d in gap_differences
-                                            if {d["a"], d["b"]} == {name, against}), None)
+        if gap:
+            entry["gap_difference"] = gap["gap"]["mean"]["mean"]
             for measure in MEASURES:
-                cells = [paired_difference([per_seed[n][name][measure][s]["cer"] for n in seeds],
-                                           [per_seed[n][against][measure][s]["cer"] for n in seeds])
-                         for s in sets if s in table[name][measure] and s in table[against][measure]]
+                cells = next((c["cer"] for c in comparisons[measure] if c["a"] == name), {})
                 if cells:
-                    entry[measure] = {"cer_difference": mean(c["mean"] for c in cells), "sets": len(cells)}
+                    entry[measure] = {"cer_difference": mean(c["mean"] for c in cells.values()), "sets": len(cells)}
         sweep.append(entry)
     sweep.sort(key=lambda e: e["ratio"])
     return {"comparisons": comparisons, "gap_differences": gap_differences, "gap_vs_cer": gap_vs_cer,
@@ -785,10 +784,10 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             if not found or not sds:
                 continue
             pooled = math.sqrt(mean(sd ** 2 for sd in sds))
-            mdd = Z_SUM * pooled / math.sqrt(len(seeds)) if len(seeds) > 1 else math.nan
+            mdd = minimum_detectable_difference(pooled, len(seeds), paired=True)
             reference = found["cssl1_mean"]
             found.update(paired_sd=pooled, paired_mdd=mdd, paired_mdd_relative=mdd / reference if reference else math.nan,
-                         paired_seeds_for_5_percent_relative=max(2, math.ceil((Z_SUM * pooled / (0.05 * reference)) ** 2))
+                         paired_seeds_for_5_percent_relative=seeds_needed(pooled, 0.05 * reference, paired=True)
                          if reference and pooled > 0 else None)
     return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable,
             "family": settings.get("family", "wav2vec2"), **analysis}
@@ -889,14 +888,16 @@ def _step_size_lines(preset: str, result: dict) -> List[str]:
     return lines + [""]
 
 
-def _paper_gain_cells(result: dict, measure: str) -> List[str]:
-    """Per set, the paper's one-round relative gains for this kind of pre-training in CER points of CSSL.1."""
-    low, high = PAPER_GAINS[result.get("kind", "multi-domain")]
+def _paper_gain_line(result: dict, measure: str) -> str:
+    """The table row of the paper's one-round relative gains for this kind of pre-training, per set
+    in CER points of CSSL.1."""
+    kind = result.get("kind", "multi-domain")
+    low, high = PAPER_GAINS[kind]
     cells = []
     for s in result["sets"]:
         reference = result["detectable"][measure][s].get("cer", {}).get("cssl1_mean")
         cells.append(f"{100 * low * reference:.1f}–{100 * high * reference:.1f}" if reference else "–")
-    return cells
+    return f"| the paper's {kind} gains ({100 * low:g}–{100 * high:g} % rel.) on CSSL.1's CER | " + " | ".join(cells) + " |"
 
 
 def _cost_line(preset: str, result: dict) -> str:
@@ -964,9 +965,7 @@ def markdown(preset: str, result: dict) -> str:
                 cells.append(f"{100 * d['paired_mdd']:.1f} ({100 * d['paired_mdd_relative']:.0f} % rel.)"
                              + (f"; {need} seeds for 5 % rel." if need else ""))
             lines.append("| … paired, PTLOC − matched CSSL | " + " | ".join(cells) + " |")
-        low, high = PAPER_GAINS[result.get("kind", "multi-domain")]
-        lines += [f"| the paper's {result.get('kind', 'multi-domain')} gains ({100 * low:g}–{100 * high:g} % rel.) "
-                  "on CSSL.1's CER | " + " | ".join(_paper_gain_cells(result, measure)) + " |", ""]
+        lines += [_paper_gain_line(result, measure), ""]
         if result["comparisons"][measure]:
             lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
                       "* = beyond the minimum detectable difference: the paired one for PTLOC rows)", ""]
