@@ -30,6 +30,7 @@ setup(
         "torch==2.14.1",
         "torchaudio==2.11.0",
         "numpy>=1.26,<2.5",
+        "scipy>=1.11",  # Student's t for the experiment report's intervals and detectable differences
         "soundfile>=0.12",
         # the built-in corpus: eSpeak NG (library and voices in the wheel), word lists, DSP
         "espeakng-loader==0.2.4",

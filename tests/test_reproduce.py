@@ -338,13 +338,21 @@ def test_a_family_without_its_settings_section_is_refused(tmp_path):
 
 
 def test_paired_differences_and_rank_correlation_by_hand():
-    from eqssl.cli.reproduce import paired_difference, spearman
+    from eqssl.cli.reproduce import minimum_detectable_difference, paired_difference, seeds_needed, spearman
 
     d = paired_difference([0.30, 0.32, 0.28], [0.31, 0.35, 0.30])  # deltas -0.01, -0.03, -0.02
     assert d["mean"] == pytest.approx(-0.02) and d["sd"] == pytest.approx(0.01)
-    half = 4.303 * 0.01 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    half = 4.302653 * 0.01 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
     assert (d["low"], d["high"]) == (pytest.approx(-0.02 - half), pytest.approx(-0.02 + half))
     assert math.isnan(paired_difference([0.3], [0.2])["low"])
+    # 80 % power at 5 %, two-sided: (t(0.975) + t(0.80)) standard errors, Student's t quantiles
+    # (4.302653 + 1.060660 at 2 degrees of freedom, 2.776445 + 0.940965 at 4)
+    assert minimum_detectable_difference(0.01, 3, paired=True) == pytest.approx(5.363313 * 0.01 / math.sqrt(3))
+    assert minimum_detectable_difference(0.01, 3) == pytest.approx(3.717410 * 0.01 * math.sqrt(2 / 3))
+    assert math.isnan(minimum_detectable_difference(0.01, 1))
+    needed = seeds_needed(0.01, 0.02, paired=True)
+    assert minimum_detectable_difference(0.01, needed, paired=True) <= 0.02
+    assert minimum_detectable_difference(0.01, needed - 1, paired=True) > 0.02
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 1, 2]) == pytest.approx(0.8660254)  # ties share their mean rank
@@ -356,7 +364,8 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     each row's, sets the minimum detectable difference of PTLOC against its matched CSSL."""
     import copy
 
-    from eqssl.cli.reproduce import Z_SUM, Chain, aggregate, collect_chain, load_settings, markdown, resolve_presets
+    from eqssl.cli.reproduce import (Chain, aggregate, collect_chain, load_settings, markdown,
+                                     minimum_detectable_difference, resolve_presets)
 
     out, _, _ = experiment
     settings = load_settings(str(out / "settings.yaml"))
@@ -375,7 +384,14 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     pooled = math.sqrt((0.02 ** 2 / 2 + 0.04 ** 2 / 2) / 2)
     found = result["detectable"]["probe"]["sv"]["cer"]
     assert found["paired_sd"] == pytest.approx(pooled)
-    assert found["paired_mdd"] == pytest.approx(Z_SUM * pooled / math.sqrt(2))
+    assert found["paired_mdd"] == pytest.approx(minimum_detectable_difference(pooled, 2, paired=True))
     table = markdown("multilingual", result)
     assert "| … paired, PTLOC − matched CSSL | " in table and "mean ± sd over 2 seed(s)" in table
     assert f"{100 * (delta - 0.01):+.1f}" in table
+    # The summary leads with the answer: PTLOC against its matched CSSL beside the paired MDD,
+    # without the step-size sweep's rows.
+    summary = table[:table.index("did pre-training learn?")]
+    assert summary.startswith("### multilingual: summary, CER differences a − b in points (paired over 2 seed(s)")
+    assert f"| frozen-upstream probe: PTLOC.1 K=1 − matched CSSL | {100 * (delta - 0.01):+.1f}" in summary
+    assert f"| frozen-upstream probe: paired MDD, PTLOC − matched CSSL | {100 * found['paired_mdd']:.1f} (" in summary
+    assert "| full fine-tuning: CSSL.1 − random init |" in summary and "α/β=100" not in summary

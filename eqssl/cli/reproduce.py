@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import yaml
+from scipy.stats import t as student_t
 
 from ..checkpoints import file_sha256
 from ..locking import FolderLockedError, folder_lock
@@ -576,26 +577,36 @@ def summarise(values: Sequence[float]) -> dict:
 
 
 MEASURES = {"probe": "frozen-upstream probe", "finetune": "full fine-tuning"}
-Z_SUM = 1.959964 + 0.841621
-"""z for a two-sided 5 % test plus z for 80 % power: a difference this many standard errors large
-is detected four times in five."""
+POWER = 0.80
+"""The power the minimum detectable difference is stated at: detected four times in five."""
+
+
+def t_quantile(probability: float, degrees: int) -> float:
+    """Student's t quantile."""
+    return float(student_t.ppf(probability, degrees))
 
 
 def minimum_detectable_difference(pooled_sd: float, seeds: int, paired: bool = False) -> float:
-    """The smallest true difference between two rows of `seeds` seeds each that a 5 % two-sided
-    test detects with 80 % power, given the per-seed standard deviation (nan for one seed);
-    ``paired``: the standard deviation is that of the per-seed differences."""
-    return Z_SUM * math.sqrt((1.0 if paired else 2.0) / seeds) * pooled_sd if seeds > 1 else math.nan
+    """The smallest true difference between two rows of `seeds` seeds each that a two-sided 5 %
+    t-test detects with 80 % power, given the per-seed standard deviation (nan for one seed);
+    ``paired``: the standard deviation is that of the per-seed differences. The usual approximation
+    (t₀.₉₇₅ + t₀.₈₀) standard errors, with n − 1 degrees of freedom paired and 2(n − 1) unpaired
+    (simulated power at 3 seeds: 77 %); the normal's 2.80 standard errors would understate it by
+    about half at 3 seeds."""
+    if seeds < 2:
+        return math.nan
+    degrees = seeds - 1 if paired else 2 * (seeds - 1)
+    factor = t_quantile(0.975, degrees) + t_quantile(POWER, degrees)
+    return factor * math.sqrt((1.0 if paired else 2.0) / seeds) * pooled_sd
 
 
 def seeds_needed(pooled_sd: float, difference: float, paired: bool = False) -> int:
-    """Seeds per row for minimum_detectable_difference to reach `difference`."""
-    return max(2, math.ceil((1.0 if paired else 2.0) * (Z_SUM * pooled_sd / difference) ** 2))
+    """The fewest seeds per row (at least 2) for minimum_detectable_difference to reach `difference`."""
+    seeds = 2
+    while minimum_detectable_difference(pooled_sd, seeds, paired) > difference and seeds < 100000:
+        seeds += 1
+    return seeds
 
-
-T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-"""Two-sided 95 % quantiles of Student's t by degrees of freedom (the next smaller entry is used)."""
 
 PAPER_GAINS = {"multi-domain": (0.045, 0.30), "multilingual": (0.008, 0.034)}
 """The paper's one-round relative gains of PTLOC over CSSL (../shared/METHOD.md), by pre-training kind."""
@@ -605,8 +616,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     """a − b paired by seed: mean, sd and the 95 % t-interval of the mean (nan bounds for one seed)."""
     deltas = [x - y for x, y in zip(a, b)]
     m, sd, n = mean(deltas), spread(deltas), len(deltas)
-    t = T_95[max(k for k in T_95 if k <= n - 1)] if n > 1 else math.nan
-    half = t * sd / math.sqrt(n) if n > 1 else math.nan
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
     return {"mean": m, "sd": sd, "low": m - half, "high": m + half, "seeds": n}
 
 
@@ -819,28 +829,73 @@ def _cell(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}"
 
 
+def _difference_cell(result: dict, measure: str, pair: dict, set_name: str, relative: bool = True) -> str:
+    """One paired CER difference in points, * where |Δ| exceeds the minimum detectable difference
+    (the paired one unless b is random init), with the change relative to b and the 95 % interval."""
+    d = pair["cer"].get(set_name)
+    if d is None:
+        return "–"
+    found = result["detectable"][measure][set_name]["cer"]
+    mdd = found["mdd"] if pair["b"] == CONTROL else found.get("paired_mdd", math.nan)
+    star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
+    cell = f"{100 * d['mean']:+.1f}{star}"
+    if relative:
+        cell += f" ({100 * d['mean'] / result['checkpoints'][pair['b']][measure][set_name]['cer']['mean']:+.0f} %)"
+    if math.isfinite(d["low"]):
+        cell += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    return cell
+
+
 def _difference_lines(result: dict, measure: str, heads: List[str]) -> List[str]:
     """Rows of `a minus b` CER differences paired by seed, in points, with the relative change
     against b and the 95 % interval; * where |Δ| exceeds the minimum detectable difference."""
     rows, sets = result["checkpoints"], result["sets"]
     lines = ["| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
     for pair in result["comparisons"][measure]:
-        cells = []
-        for s in sets:
-            d = pair["cer"].get(s)
-            if d is None:
-                cells.append("–")
-                continue
-            found = result["detectable"][measure][s]["cer"]
-            mdd = found["mdd"] if pair["b"] == CONTROL else found.get("paired_mdd", math.nan)
-            star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
-            relative = d["mean"] / rows[pair["b"]][measure][s]["cer"]["mean"]
-            cell = f"{100 * d['mean']:+.1f}{star} ({100 * relative:+.0f} %)"
-            if math.isfinite(d["low"]):
-                cell += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-            cells.append(cell)
+        cells = [_difference_cell(result, measure, pair, s) for s in sets]
         lines.append(f"| {rows[pair['a']]['label']} − {rows[pair['b']]['label']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _summary_lines(preset: str, result: dict, heads: List[str]) -> List[str]:
+    """The answer in one table: per measure, CSSL.1 against random init and each PTLOC.1 against its
+    compute-matched CSSL (CER points, paired over seeds), beside the paired minimum detectable
+    difference and the paper's gains in points; then the gap of each PTLOC against its matched CSSL."""
+    rows, sets = result["checkpoints"], result["sets"]
+    short = {CONTROL: "random init"}
+    lines = []
+    for measure, title in MEASURES.items():
+        pairs = [p for p in result["comparisons"][measure]
+                 if p["b"] == CONTROL or rows[p["b"]]["matched_to"] == p["a"]]  # not the step-size sweep
+        if not pairs:
+            continue
+        for pair in pairs:
+            name = f"{rows[pair['a']]['label']} − {short.get(pair['b'], 'matched CSSL')}"
+            lines.append(f"| {title}: {name} | " + " | ".join(_difference_cell(result, measure, pair, s, relative=False)
+                                                           for s in sets) + " |")
+        cells = []
+        for s in sets:
+            found = result["detectable"][measure][s].get("cer") or {}
+            mdd = found.get("paired_mdd", math.nan)
+            cells.append(f"{100 * mdd:.1f} ({100 * found['paired_mdd_relative']:.0f} %)" if math.isfinite(mdd) else "n/a")
+        lines.append(f"| {title}: paired MDD, PTLOC − matched CSSL | " + " | ".join(cells) + " |")
+        lines.append(_paper_gain_line(result, measure).replace("| the paper's", f"| {title}: the paper's", 1))
+    if not lines:
+        return []
+    seeds = len(result["seeds"])
+    lines = [f"### {preset}: summary, CER differences a − b in points (paired over {seeds} seed(s); 95 % interval; "
+             "* = beyond the minimum detectable difference, MDD; negative: a is better)", "",
+             "| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)] + lines
+    gaps = [d for d in result.get("gap_differences") or [] if rows[d["b"]]["matched_to"] == d["a"]]
+    if gaps:
+        parts = []
+        for d in gaps:
+            g = d["gap"]["mean"]
+            interval = f" [{g['low']:+.4f}, {g['high']:+.4f}]" if math.isfinite(g["low"]) else ""
+            parts.append(f"{rows[d['a']]['label']} {g['mean']:+.4f}{interval}")
+        lines += ["", "Equilibrium gap, PTLOC − matched CSSL, mean over shards (bits; negative: nearer "
+                  "equilibrium): " + "; ".join(parts) + "."]
+    return lines + [""]
 
 
 def _gap_lines(preset: str, result: dict) -> List[str]:
@@ -916,7 +971,7 @@ def markdown(preset: str, result: dict) -> str:
     seeds = len(result["seeds"])
     heads = [f"{s} ({'seen' if seen else 'unseen'})" for s, seen in sets.items()]
     pretrained = {n: r for n, r in rows.items() if r["valid_accuracy"]}
-    lines = []
+    lines = _summary_lines(preset, result, heads)
     if pretrained:
         shards = list(next(iter(pretrained.values()))["valid_accuracy"])
         chance = next(iter(pretrained.values()))["chance"]
