@@ -364,7 +364,7 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     each row's, sets the minimum detectable difference of PTLOC against its matched CSSL."""
     import copy
 
-    from eqssl.cli.reproduce import (Chain, aggregate, collect_chain, load_settings, markdown,
+    from eqssl.cli.reproduce import (Chain, _difference_cell, aggregate, collect_chain, load_settings, markdown,
                                      minimum_detectable_difference, resolve_presets)
 
     out, _, _ = experiment
@@ -381,10 +381,19 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     assert pairs[("ptloc.1.k1", "cssl.1+2x")]["sd"] == pytest.approx(0.02 / math.sqrt(2))
     assert pairs[("ptloc.1.k1.r100", "cssl.1+2x")]["sd"] == pytest.approx(0.04 / math.sqrt(2))
     assert pairs[("cssl.1", "none")]["sd"] == pytest.approx(0.0)
-    pooled = math.sqrt((0.02 ** 2 / 2 + 0.04 ** 2 / 2) / 2)
+    # Only PTLOC against its matched CSSL sets the paired spread: the step-size sweep's r100 pair,
+    # whose spread is twice as large here, stays out of the pool.
+    pooled = 0.02 / math.sqrt(2)
     found = result["detectable"]["probe"]["sv"]["cer"]
     assert found["paired_sd"] == pytest.approx(pooled)
     assert found["paired_mdd"] == pytest.approx(minimum_detectable_difference(pooled, 2, paired=True))
+    # A difference between the pooled paired MDD and twice it: starred against a matched CSSL,
+    # not in the step-size sweep, whose pair is judged by its own (here twice as large) spread.
+    between = {"mean": -1.5 * found["paired_mdd"], "sd": 2 * pooled, "low": -1.0, "high": 1.0, "seeds": 2}
+    for a, star in (("ptloc.1.k1", "*"), ("ptloc.1.k1.r100", "")):
+        cell = _difference_cell(result, "probe", {"a": a, "b": "cssl.1+2x", "cer": {"sv": between}}, "sv",
+                                relative=False)
+        assert cell.startswith(f"{100 * between['mean']:+.1f}{star} ["), (a, cell)
     table = markdown("multilingual", result)
     assert "| … paired, PTLOC − matched CSSL | " in table and "mean ± sd over 2 seed(s)" in table
     assert f"{100 * (delta - 0.01):+.1f}" in table

@@ -662,6 +662,12 @@ def comparison_pairs(table: dict) -> List[tuple]:
     return pairs
 
 
+def is_matched_pair(table: dict, a: str, b: str) -> bool:
+    """True where b is the CSSL compute-matched to a: the pairs the experiment is about, not the
+    step-size sweep's (which reuse a matched CSSL) nor CSSL.1 against random init."""
+    return b in table and table[b]["matched_to"] == a
+
+
 def mean_gap(record: dict) -> float:
     """A pre-trained checkpoint's equilibrium gap averaged over its shards."""
     return mean(shard["gap"] for shard in record["gap"].values())
@@ -789,8 +795,9 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             found = detectable[measure][set_name].get("cer")
             # PTLOC and its matched CSSL share their seed's CSSL.1 and probe or fine-tuning seed:
             # the spread of their paired differences, not of each row, limits what can be seen.
+            # The sweep's pairs stay out: a step size that breaks the model would inflate the spread.
             sds = [c["cer"][set_name]["sd"] for c in analysis["comparisons"][measure]
-                   if c["b"] != CONTROL and set_name in c["cer"]]
+                   if is_matched_pair(table, c["a"], c["b"]) and set_name in c["cer"]]
             if not found or not sds:
                 continue
             pooled = math.sqrt(mean(sd ** 2 for sd in sds))
@@ -831,12 +838,18 @@ def _cell(stat: dict) -> str:
 
 def _difference_cell(result: dict, measure: str, pair: dict, set_name: str, relative: bool = True) -> str:
     """One paired CER difference in points, * where |Δ| exceeds the minimum detectable difference
-    (the paired one unless b is random init), with the change relative to b and the 95 % interval."""
+    (the rows' pooled one against random init, the pooled paired one against a matched CSSL, the
+    pair's own otherwise), with the change relative to b and the 95 % interval."""
     d = pair["cer"].get(set_name)
     if d is None:
         return "–"
     found = result["detectable"][measure][set_name]["cer"]
-    mdd = found["mdd"] if pair["b"] == CONTROL else found.get("paired_mdd", math.nan)
+    if pair["b"] == CONTROL:
+        mdd = found["mdd"]
+    elif is_matched_pair(result["checkpoints"], pair["a"], pair["b"]):
+        mdd = found.get("paired_mdd", math.nan)
+    else:  # the step-size sweep: its spread is its own (a step size can break a model), not the pool's
+        mdd = minimum_detectable_difference(d["sd"], d["seeds"], paired=True) if d["seeds"] > 1 else math.nan
     star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
     cell = f"{100 * d['mean']:+.1f}{star}"
     if relative:
@@ -866,7 +879,7 @@ def _summary_lines(preset: str, result: dict, heads: List[str]) -> List[str]:
     lines = []
     for measure, title in MEASURES.items():
         pairs = [p for p in result["comparisons"][measure]
-                 if p["b"] == CONTROL or rows[p["b"]]["matched_to"] == p["a"]]  # not the step-size sweep
+                 if p["b"] == CONTROL or is_matched_pair(rows, p["a"], p["b"])]
         if not pairs:
             continue
         for pair in pairs:
@@ -879,14 +892,14 @@ def _summary_lines(preset: str, result: dict, heads: List[str]) -> List[str]:
             mdd = found.get("paired_mdd", math.nan)
             cells.append(f"{100 * mdd:.1f} ({100 * found['paired_mdd_relative']:.0f} %)" if math.isfinite(mdd) else "n/a")
         lines.append(f"| {title}: paired MDD, PTLOC − matched CSSL | " + " | ".join(cells) + " |")
-        lines.append(_paper_gain_line(result, measure).replace("| the paper's", f"| {title}: the paper's", 1))
+        lines.append(_paper_gain_line(result, measure, prefix=f"{title}: "))
     if not lines:
         return []
     seeds = len(result["seeds"])
     lines = [f"### {preset}: summary, CER differences a − b in points (paired over {seeds} seed(s); 95 % interval; "
              "* = beyond the minimum detectable difference, MDD; negative: a is better)", "",
              "| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)] + lines
-    gaps = [d for d in result.get("gap_differences") or [] if rows[d["b"]]["matched_to"] == d["a"]]
+    gaps = [d for d in result.get("gap_differences") or [] if is_matched_pair(rows, d["a"], d["b"])]
     if gaps:
         parts = []
         for d in gaps:
@@ -943,16 +956,16 @@ def _step_size_lines(preset: str, result: dict) -> List[str]:
     return lines + [""]
 
 
-def _paper_gain_line(result: dict, measure: str) -> str:
+def _paper_gain_line(result: dict, measure: str, prefix: str = "") -> str:
     """The table row of the paper's one-round relative gains for this kind of pre-training, per set
-    in CER points of CSSL.1."""
+    in CER points of CSSL.1; `prefix` leads its label (the summary names the measure)."""
     kind = result.get("kind", "multi-domain")
     low, high = PAPER_GAINS[kind]
     cells = []
     for s in result["sets"]:
         reference = result["detectable"][measure][s].get("cer", {}).get("cssl1_mean")
         cells.append(f"{100 * low * reference:.1f}–{100 * high * reference:.1f}" if reference else "–")
-    return f"| the paper's {kind} gains ({100 * low:g}–{100 * high:g} % rel.) on CSSL.1's CER | " + " | ".join(cells) + " |"
+    return f"| {prefix}the paper's {kind} gains ({100 * low:g}–{100 * high:g} % rel.) on CSSL.1's CER | " + " | ".join(cells) + " |"
 
 
 def _cost_line(preset: str, result: dict) -> str:
@@ -1023,7 +1036,8 @@ def markdown(preset: str, result: dict) -> str:
         lines += [_paper_gain_line(result, measure), ""]
         if result["comparisons"][measure]:
             lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
-                      "* = beyond the minimum detectable difference: the paired one for PTLOC rows)", ""]
+                      "* = beyond the minimum detectable difference: the pooled paired one against a matched CSSL, "
+                      "the pair's own for the step-size sweep)", ""]
             lines += _difference_lines(result, measure, heads) + [""]
     gapped = {n: r for n, r in rows.items() if r["gap"]}
     shards = list(next(iter(gapped.values()))["gap"])
