@@ -849,7 +849,7 @@ def _difference_cell(result: dict, measure: str, pair: dict, set_name: str, rela
     elif is_matched_pair(result["checkpoints"], pair["a"], pair["b"]):
         mdd = found.get("paired_mdd", math.nan)
     else:  # the step-size sweep: its spread is its own (a step size can break a model), not the pool's
-        mdd = minimum_detectable_difference(d["sd"], d["seeds"], paired=True) if d["seeds"] > 1 else math.nan
+        mdd = minimum_detectable_difference(d["sd"], d["seeds"], paired=True)
     star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
     cell = f"{100 * d['mean']:+.1f}{star}"
     if relative:
