@@ -29,7 +29,7 @@ import sys
 from eqssl.cli.evaluate import evaluate
 from eqssl.models.eq_wav2vec2 import save_random_init
 from eqssl.cli.probe import ProbeConfig, Upstream, probe
-from eqssl.cli.reproduce import finetune_command, new_path
+from eqssl.experiment.stages import finetune_command, new_path
 
 
 def named(items):

@@ -21,18 +21,16 @@ import concurrent.futures
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from typing import Dict, List, Optional
 
 import yaml
 
-from eqssl.cli.reproduce import RECIPES
+from eqssl.corpus.presets import RECIPES
+from eqssl.experiment.fairseq_log import per_shard, training_stats, validation_stats
 
 USER_DIR = os.path.join(os.path.dirname(RECIPES), "eqssl")
-VALID = re.compile(r"valid on 'valid' subset \| (.*)$")
-WALL = re.compile(r"train_inner\b.*\bwall=(\d+)")
 
 
 def load_settings(path: str) -> Dict[str, dict]:
@@ -67,41 +65,28 @@ def train(out: str, corpus: str, name: str, setting: dict) -> str:
     return log_path
 
 
-def parse_stats(text: str) -> Dict[str, float]:
-    stats = {}
-    for field in text.split(" | "):
-        key, _, value = field.strip().partition(" ")
-        try:
-            stats[key] = float(value)
-        except ValueError:
-            pass
-    return stats
-
-
 def curve(log_path: str) -> List[dict]:
     """Every validation of a run: updates, wall seconds, and accuracy / code perplexity per shard."""
     points, wall, offset, last = {}, 0.0, 0.0, 0.0
     with open(log_path) as f:
         for line in f:
-            match = WALL.search(line)
-            if match:
+            training = training_stats(line)
+            if training is not None and "wall" in training:
                 # fairseq's wall clock restarts at 0 when a run resumes: carry the time before it
-                if float(match.group(1)) < last:
+                if training["wall"] < last:
                     offset += last
-                last = float(match.group(1))
+                last = training["wall"]
                 wall = offset + last
                 continue
-            match = VALID.search(line)
-            if not match:
+            stats = validation_stats(line)
+            if stats is None:
                 continue
-            stats = parse_stats(match.group(1))
             updates = int(stats.get("num_updates", 0))
             points[updates] = {  # a resumed run may validate an update twice: keep the last
                 "updates": updates, "wall_s": wall, "loss": stats.get("loss"),
-                "accuracy": {k[len("accuracy_"):]: v for k, v in stats.items() if k.startswith("accuracy_")},
-                "code_ppl": {k[len("code_ppl_"):]: v for k, v in stats.items() if k.startswith("code_ppl_")},
+                "accuracy": per_shard(stats, "accuracy"), "code_ppl": per_shard(stats, "code_ppl"),
                 # BEST-RQ: the accuracy of always answering the most frequent code (its chance)
-                "majority": {k[len("majority_"):]: v for k, v in stats.items() if k.startswith("majority_")},
+                "majority": per_shard(stats, "majority"),
             }
     return [points[u] for u in sorted(points)]
 

@@ -23,23 +23,17 @@ import os
 import re
 from typing import Dict, List
 
+from eqssl.experiment.fairseq_log import read_validations
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-FIELD = re.compile(r"\| (\S+) ([-+\d.e]+)")
-
-
 def validation_curve(log_path: str) -> List[Dict[str, float]]:
     """Every validation line of a fairseq training log as {field: value}."""
-    rows = []
-    with open(log_path) as f:
-        for line in f:
-            if "| valid on" in line:
-                rows.append({k: float(v) for k, v in FIELD.findall(line)})
-    return rows
+    return read_validations(log_path, subset=None)
 
 
 def latest_results(out: str) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from eqssl.corpus.toy import make_corpus
+from eqssl.experiment.fairseq_log import trainings
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -117,14 +118,7 @@ def fairseq_train_workers(data, save_dir, workers: int, *extra, timeout=600, com
 
 def train_log_values(output: str, key: str) -> list:
     """Every value of ``key=`` in fairseq's train_inner log lines."""
-    values = []
-    for line in output.splitlines():
-        if "| train_inner |" in line or "[train_inner]" in line:
-            for part in line.split(", "):
-                name, _, value = part.strip().partition("=")
-                if name.split() and name.split()[-1] == key and value != "None":
-                    values.append(float(value))
-    return values
+    return [stats[key] for stats in trainings(output.splitlines()) if key in stats]
 
 
 def comm_records(comm_log, rank: int = 0) -> list:

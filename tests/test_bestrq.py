@@ -36,6 +36,7 @@ from eqssl.checkpoints import CheckpointError
 from eqssl.cli.evaluate import decode_set, greedy_decode, load_checkpoint, load_test_set
 from eqssl.tasks.equilibrium_pretraining import batch_seed
 from eqssl.corpus.toy import make_corpus
+from eqssl.experiment.fairseq_log import validations
 
 from conftest import (BIN, REPO, TRAIN_FLAGS, comm_records, fairseq_train, fairseq_train_workers, run,
                       train_log_values)
@@ -365,18 +366,7 @@ def test_a_clips_encoding_does_not_depend_on_the_padding_of_its_batch(corpus):
 
 def validation_points(log: str) -> dict:
     """{updates: {key: value}} of every validation line of a fairseq log."""
-    points = {}
-    for line in log.splitlines():
-        if "valid on 'valid' subset" in line:
-            values = {}
-            for part in line.split(" | "):
-                name, _, value = part.strip().rpartition(" ")
-                try:
-                    values[name] = float(value)
-                except ValueError:
-                    pass
-            points[int(values["num_updates"])] = values
-    return points
+    return {int(stats["num_updates"]): stats for stats in validations(log.splitlines())}
 
 
 def test_cssl_recipe_beats_the_majority_code_within_500_updates(tmp_path):

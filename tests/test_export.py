@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO, fairseq_train, run
-from eqssl.cli.export import ExportError, PortabilityWarning, export_checkpoint, main, portability_warnings
+from eqssl.cli.export import main
+from eqssl.cli.export_fairseq import ExportError, PortabilityWarning, export_checkpoint, portability_warnings
 
 # Runs in a fresh interpreter where `import eqssl` fails, so nothing of eqssl can be used: loads
 # OUT with plain fairseq (no user_dir), imports it into torchaudio and compares their outputs on

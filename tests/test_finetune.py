@@ -1,6 +1,5 @@
 """CTC fine-tuning of eqssl checkpoints with the recipes, in characters and SentencePiece units."""
 
-import re
 import shutil
 from pathlib import Path
 
@@ -10,10 +9,11 @@ from fairseq import checkpoint_utils
 from conftest import REPO, fairseq_train, run
 from eqssl.cli.evaluate import evaluate, greedy_decode
 from eqssl.cli.spm import main as train_spm
+from eqssl.experiment.fairseq_log import validations
 
 
 def valid_values(output: str, key: str) -> list:
-    return [float(v) for v in re.findall(rf"valid on '[^']+' subset \|.*? \| {key} ([\d.]+)", output)]
+    return [stats[key] for stats in validations(output.splitlines(), subset=None) if key in stats]
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@ handful of generated clips within a bounded number of updates (README "Learning 
 same on the built-in corpus). Deterministic: fixed seed, one thread."""
 
 import os
-import re
 
 from conftest import REPO, run
 
 from eqssl.corpus.toy import make_corpus
+from eqssl.experiment.fairseq_log import per_shard, validations
 
 UPDATES = 300
 CHANCE = 1 / 11  # 10 negatives
@@ -15,12 +15,7 @@ CHANCE = 1 / 11  # 10 negatives
 
 def validation_accuracy(log: str) -> dict:
     """{updates: {shard: accuracy}} of every validation in a fairseq log."""
-    points = {}
-    for line in log.splitlines():
-        if "valid on 'valid' subset" in line:
-            updates = int(re.search(r"num_updates (\d+)", line).group(1))
-            points[updates] = {m.group(1): float(m.group(2)) for m in re.finditer(r"\| accuracy_(\S+) ([\d.]+)", line)}
-    return points
+    return {int(stats["num_updates"]): per_shard(stats, "accuracy") for stats in validations(log.splitlines())}
 
 
 def test_cssl_small_leaves_chance_within_a_bounded_number_of_updates(tmp_path, monkeypatch):

@@ -258,7 +258,7 @@ def test_command_lines_print_the_error_and_exit_before_any_work(tmp_path):
 def test_reproduce_plans_the_experiment_of_a_preset_file(tmp_path):
     """eqssl-reproduce names the experiment's folders after the file; a multilingual preset of
     one's own gets the temperature-sampling baseline, as the built-in multilingual does."""
-    from eqssl.cli.reproduce import ReproduceError, finetune_sets, load_settings, plan_pretraining, resolve_presets
+    from eqssl.experiment.plan import ReproduceError, finetune_sets, load_settings, plan_pretraining, resolve_presets
 
     path = write(tmp_path / "de_es.yaml", GOOD)
     settings = load_settings("tiny")

@@ -12,6 +12,7 @@ import yaml
 from conftest import REPO, run, tensorboard_scalars
 
 from eqssl.models.eq_wav2vec2 import load_pretraining_checkpoint
+from eqssl.experiment.fairseq_log import validations
 
 PRETRAINING = ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "ptloc.1.k1.r100", "cssl.1-temp", "cssl.2", "ptloc.2"]
 ROWS = ["fbank", "cssl.1", "none", "ptloc.1.k1", "cssl.1+2x", "ptloc.1.k1.r100", "cssl.1-temp", "cssl.2", "ptloc.2"]
@@ -137,7 +138,7 @@ def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
 
 
 def test_the_step_size_sweep_runs_on_the_presets_it_names():
-    from eqssl.cli.reproduce import load_settings, plan_pretraining
+    from eqssl.experiment.plan import load_settings, plan_pretraining
 
     settings = load_settings(str(REPO / "recipes" / "reproduce" / "small.yaml"))
     settings["step_size_sweep"] = {"ratios": [100, 1000], "presets": ["multidomain"]}
@@ -152,10 +153,10 @@ def test_validation_logs_the_gap_of_every_shard_in_every_run(experiment):
     out, _, _ = experiment
     for name in PRETRAINING:
         log = (out / "multilingual" / "seed1" / name / "train.log").read_text()
-        valid = [line for line in log.splitlines() if "| valid on" in line]
+        valid = validations(log.splitlines())
         assert valid, name
         for shard in ("en", "fr", "nl"):
-            assert f"gap_{shard} " in valid[-1] and f"loss_after_{shard} " in valid[-1], (name, valid[-1])
+            assert f"gap_{shard}" in valid[-1] and f"loss_after_{shard}" in valid[-1], (name, valid[-1])
 
 
 def test_every_run_writes_tensorboard_logs(experiment):
@@ -248,7 +249,8 @@ def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experimen
 def test_gpu_size_settings_compose(name):
     """The `full` (BASE, GPU) experiment is not run here; each kind of its runs composes in
     fairseq-hydra-train with the overrides eqssl-reproduce gives it (--cfg job runs nothing)."""
-    from eqssl.cli.reproduce import finetune_command, load_settings, plan_pretraining, pretrain_command
+    from eqssl.experiment.stages import finetune_command, pretrain_command
+    from eqssl.experiment.plan import load_settings, plan_pretraining
 
     settings = load_settings("full")
     if name == "finetune":
@@ -288,7 +290,8 @@ def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
 def test_small_settings_compose(name):
     """The `small` experiment's runs compose with its recipes; every run continued from another
     keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
-    from eqssl.cli.reproduce import load_settings, plan_pretraining, pretrain_command
+    from eqssl.experiment.plan import load_settings, plan_pretraining
+    from eqssl.experiment.stages import pretrain_command
 
     settings = load_settings("small")
     run_ = {r.name: r for r in plan_pretraining("multilingual", settings)}[name]
@@ -304,7 +307,8 @@ def test_small_settings_compose(name):
 def test_bestrq_family_runs_compose(size):
     """--model bestrq runs the same plan with the BEST-RQ recipes (eq_bestrq, its criterion), and
     none of the wav2vec 2.0 overrides (Gumbel temperature) leak into it."""
-    from eqssl.cli.reproduce import load_settings, plan_pretraining, pretrain_command
+    from eqssl.experiment.plan import load_settings, plan_pretraining
+    from eqssl.experiment.stages import pretrain_command
 
     settings = load_settings(size, "bestrq")
     wav2vec2 = load_settings(size)
@@ -328,7 +332,7 @@ def test_bestrq_family_runs_compose(size):
 
 def test_a_family_without_its_settings_section_is_refused(tmp_path):
     """A settings file written for wav2vec 2.0 only is not silently reused for BEST-RQ."""
-    from eqssl.cli.reproduce import ReproduceError, load_settings
+    from eqssl.experiment.plan import ReproduceError, load_settings
 
     text = (REPO / "recipes/reproduce/small.yaml").read_text().split("\nfamilies:")[0]
     path = tmp_path / "mine.yaml"
@@ -338,7 +342,7 @@ def test_a_family_without_its_settings_section_is_refused(tmp_path):
 
 
 def test_paired_differences_and_rank_correlation_by_hand():
-    from eqssl.cli.reproduce import minimum_detectable_difference, paired_difference, seeds_needed, spearman
+    from eqssl.experiment.statistics import minimum_detectable_difference, paired_difference, seeds_needed, spearman
 
     d = paired_difference([0.30, 0.32, 0.28], [0.31, 0.35, 0.30])  # deltas -0.01, -0.03, -0.02
     assert d["mean"] == pytest.approx(-0.02) and d["sd"] == pytest.approx(0.01)
@@ -364,8 +368,10 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     each row's, sets the minimum detectable difference of PTLOC against its matched CSSL."""
     import copy
 
-    from eqssl.cli.reproduce import (Chain, _difference_cell, aggregate, collect_chain, load_settings, markdown,
-                                     minimum_detectable_difference, resolve_presets)
+    from eqssl.experiment.stages import Chain, collect_chain
+    from eqssl.experiment.report import _difference_cell, aggregate, markdown
+    from eqssl.experiment.plan import load_settings, resolve_presets
+    from eqssl.experiment.statistics import minimum_detectable_difference
 
     out, _, _ = experiment
     settings = load_settings(str(out / "settings.yaml"))

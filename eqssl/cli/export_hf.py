@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .export import (
+from .export_fairseq import (
     FINETUNED,
     PRETRAINING,
     ExportError,

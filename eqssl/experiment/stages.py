@@ -1,0 +1,371 @@
+"""The stages of one (preset, seed) chain: pre-training, the no-pre-training control, the gap, the
+probe and fine-tuning, each leaving a verifiable record so that a rerun skips what finished."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from ..checkpoints import file_sha256
+from ..corpus.presets import RECIPES
+from .fairseq_log import per_shard, read_validations, validation_stats
+from .plan import (CONTROL, CONTROL_LABEL, PACKAGE, PretrainRun, ReproduceError, finetune_sets,
+                   plan_pretraining)
+from .statistics import mean
+
+MARKER = "eqssl_stage.json"
+
+
+def finished(folder: str, input_sha256: Optional[str] = None, move_stale: bool = True) -> Optional[dict]:
+    """The record of a finished stage whose checkpoint, and the checkpoint it started from, still
+    verify; else None. A finished stage that no longer verifies is moved aside (never deleted)
+    so that it is redone from scratch, unless move_stale is False."""
+    path = os.path.join(folder, MARKER)
+    if not os.path.exists(path):
+        return None  # new, or interrupted: fairseq resumes it from its checkpoint_last.pt
+    with open(path) as f:
+        record = json.load(f)
+    checkpoint = os.path.join(folder, record["checkpoint"])
+    if (os.path.exists(checkpoint) and file_sha256(checkpoint) == record["sha256"]
+            and record.get("input_sha256") == input_sha256):
+        return record
+    if not move_stale:
+        return None
+    stale = new_path(folder.rstrip(os.sep) + ".stale")
+    os.rename(folder, stale)
+    print(f"{folder}: its checkpoint or the one it started from changed since it finished; "
+          f"moved to {stale} and redone", flush=True)
+    return None
+
+
+def mark_finished(folder: str, checkpoint: str, **extra) -> dict:
+    record = {"checkpoint": checkpoint, "sha256": file_sha256(os.path.join(folder, checkpoint)), **extra}
+    tmp = os.path.join(folder, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, os.path.join(folder, MARKER))  # atomic: a marker is whole or absent
+    return record
+
+
+def run_fairseq(command: List[str], log_path: str, tag: str, max_update: Optional[int], threads: int) -> None:
+    """Run a fairseq command, its output appended to log_path, printing progress at each validation."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    start = time.time()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in process.stdout:
+            log.write(line)
+            stats = validation_stats(line, subset=None)
+            if stats is not None and max_update:
+                print(f"{tag}: {stats.get('num_updates', math.nan):.0f}/{max_update} updates, valid loss "
+                      f"{stats.get('loss', math.nan):.3f} ({time.time() - start:.0f} s)", flush=True)
+        code = process.wait()
+    if code != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-15:])
+        raise ReproduceError(f"{tag} failed (exit {code}); log: {log_path}\n{tail}")
+
+
+def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
+    return values[-1] if values else None
+
+
+def checkpoint_updates(path: str) -> tuple:
+    """(num_updates, task config, chance accuracy) of a fairseq pre-training checkpoint; chance is
+    1 / (negatives + 1) for wav2vec 2.0 and None for BEST-RQ (read from its log: ``log_chance``)."""
+    from ..models.eq_wav2vec2 import load_pretraining_checkpoint
+
+    state = load_pretraining_checkpoint(path)
+    model_cfg = state["cfg"]["model"]
+    chance = None if str(model_cfg.get("_name")).startswith("eq_bestrq") else \
+        1.0 / (int(model_cfg.get("num_negatives", 100)) + 1)
+    return int(state["optimizer_history"][-1]["num_updates"]), state["cfg"]["task"], chance
+
+
+def last_validation_accuracy(log_path: str, key: str = "accuracy") -> Dict[str, float]:
+    """Per shard, ``key`` (the accuracy; for BEST-RQ also ``majority``, the majority code's share)
+    at the last validation in a fairseq training log."""
+    found = read_validations(log_path)
+    return per_shard(found[-1], key) if found else {}
+
+
+def passes(num_updates: int, task_cfg) -> int:
+    """Forward/backward passes over one shard batch that num_updates updates of this task made."""
+    shards = len([s for s in os.listdir(task_cfg["data"])
+                  if os.path.exists(os.path.join(task_cfg["data"], s, "train.tsv"))])
+    if task_cfg.get("shard_sampling") == "temperature" and task_cfg.get("shards_per_update"):
+        shards = task_cfg["shards_per_update"]
+    return num_updates * shards * (int(task_cfg["inner_steps"]) + 1)
+
+
+# ------------------------------------------------------------------ stages of one seed
+@dataclass
+class Chain:
+    """Everything one (preset, seed) needs; picklable for a worker process."""
+
+    preset: str
+    seed: int
+    out: str
+    settings: dict
+    threads: int
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.preset} seed {self.seed}]"
+
+    @property
+    def folder(self) -> str:
+        return os.path.join(self.out, self.preset, f"seed{self.seed}")
+
+    @property
+    def corpus(self) -> str:
+        return os.path.join(self.out, self.preset, "corpus")
+
+
+def pretrain_command(run: PretrainRun, data: str, save_dir: str, seed: int, init: Optional[str]) -> List[str]:
+    """The fairseq-hydra-train command of one pre-training run of the experiment."""
+    return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "pretrain"), "--config-name", run.recipe,
+            f"++task.data={os.path.abspath(data)}", f"checkpoint.save_dir={os.path.abspath(save_dir)}",
+            f"common.seed={seed}", f"common.user_dir={PACKAGE}",
+            f"common.tensorboard_logdir={os.path.join(os.path.abspath(save_dir), 'tensorboard')}", *run.overrides,
+            *([f"++model.init_from={os.path.abspath(init)}"] if init else [])]
+
+
+def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
+    """Stage: one pre-training run, then the equilibrium gap of its checkpoint."""
+    folder = os.path.join(chain.folder, run.name)
+    source = done[run.init_from] if run.init_from else None
+    record = finished(folder, source["sha256"] if source else None)
+    if record is not None:
+        print(f"{chain.tag} {run.name}: done, skipped ({record['num_updates']} updates)", flush=True)
+        return record
+    os.makedirs(folder, exist_ok=True)
+    start = time.time()
+    init = os.path.join(chain.folder, run.init_from, source["checkpoint"]) if source else None
+    max_update = int(override_value(run.overrides, "optimization.max_update") or 0)
+    print(f"{chain.tag} {run.name}: {run.label}{' from ' + run.init_from if run.init_from else ''}", flush=True)
+    command = pretrain_command(run, os.path.join(chain.corpus, "pretrain"), folder, chain.seed, init)
+    run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
+    updates, task_cfg, chance = checkpoint_updates(os.path.join(folder, "checkpoint_last.pt"))
+    accuracy = last_validation_accuracy(os.path.join(folder, "train.log"))
+    if chance is None:  # BEST-RQ: the largest majority-code share over the shards (conservative)
+        chance = max(last_validation_accuracy(os.path.join(folder, "train.log"), "majority").values(),
+                     default=math.nan)
+    gap = measure(chain, os.path.join(folder, run.checkpoint))
+    record = mark_finished(
+        folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
+        init_from=run.init_from, matched_to=run.matched_to, compared_with=run.compared_with, num_updates=updates,
+        inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
+        gap=gap, valid_accuracy=accuracy, chance=chance, seconds=round(time.time() - start, 1),
+    )
+    lowest = min(accuracy.values()) if accuracy else math.nan
+    print(f"{chain.tag} {run.name}: finished, {updates} updates, validation accuracy {lowest:.3f} on its lowest "
+          f"shard ({lowest / chance:.1f}x chance), mean gap {mean(g['gap'] for g in gap.values()):+.4f} bits "
+          f"({record['seconds']:.0f} s)", flush=True)
+    return record
+
+
+def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
+    """Stage: the no-pre-training control, CSSL.1's architecture with fresh weights (seed: the chain's)."""
+    from ..models.eq_wav2vec2 import save_random_init
+
+    folder = os.path.join(chain.folder, CONTROL)
+    record = finished(folder)
+    if record is not None:
+        return record
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "random_init.pt")
+    if not os.path.exists(path):  # else left whole by an interrupted stage (written atomically)
+        save_random_init(os.path.join(chain.folder, "cssl.1", done["cssl.1"]["checkpoint"]), path, chain.seed)
+    gap = measure(chain, path)
+    return mark_finished(folder, "random_init.pt", name=CONTROL, label=CONTROL_LABEL, init_from=None,
+                         matched_to=None, num_updates=0, inner_steps=0, passes=0, gap=gap,
+                         valid_accuracy={}, chance=math.nan, seconds=0.0)
+
+
+def measure(chain: Chain, checkpoint: str) -> Dict[str, dict]:
+    """eqssl-gap of one checkpoint on the validation batches of every pre-training shard."""
+    from .gap import measure_gap
+    from ..tasks.equilibrium_pretraining import discover_shards
+
+    gap = chain.settings["gap"]
+    data = os.path.join(chain.corpus, "pretrain")
+    args = argparse.Namespace(split="valid", inner_steps=gap["inner_steps"], inner_lr=gap["inner_lr"],
+                              max_tokens=64000, max_sample_size=48000, min_sample_size=0,
+                              batches=gap["batches"], seed=chain.seed)
+    return measure_gap(checkpoint, data, discover_shards(data, ""), args)
+
+
+def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, overrides: Sequence[str]) -> List[str]:
+    """The fairseq-hydra-train command of one CTC fine-tuning run with a recipes/finetune recipe."""
+    return ["fairseq-hydra-train", "--config-dir", os.path.join(RECIPES, "finetune"), "--config-name", recipe,
+            f"task.data={os.path.abspath(data)}", f"model.w2v_path={os.path.abspath(pretrained)}",
+            f"checkpoint.save_dir={os.path.abspath(save_dir)}", f"common.user_dir={PACKAGE}",
+            f"common.tensorboard_logdir={os.path.join(os.path.abspath(save_dir), 'tensorboard')}", *overrides]
+
+
+def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
+    """Stage: CTC fine-tuning of one pre-trained checkpoint on one set, then its test WER / CER."""
+    from .evaluate import evaluate
+
+    folder = os.path.join(chain.folder, "finetune", name, set_name)
+    record = finished(folder, pretrained_sha256)
+    if record is not None:
+        return record
+    os.makedirs(folder, exist_ok=True)
+    settings = chain.settings["finetune"]
+    data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
+    start = time.time()
+    command = finetune_command(settings["recipe"], data, pretrained, folder, [
+        f"common.seed={chain.seed}", f"optimization.max_update={settings['max_update']}",
+        *settings.get("overrides", []), *(settings.get("preset_overrides") or {}).get(chain.preset, [])])
+    run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} finetune {name}/{set_name}", None,
+                chain.threads)
+    report = evaluate(os.path.join(folder, "checkpoint_best.pt"), [f"{set_name}={data}:test"], progress=False)
+    result = report["sets"][set_name]
+    record = mark_finished(folder, "checkpoint_best.pt", input_sha256=pretrained_sha256, pretrained=name,
+                           set=set_name, wer=result["wer"], cer=result["cer"], seconds=round(time.time() - start, 1))
+    print(f"{chain.tag} finetune {name}/{set_name}: WER {100 * result['wer']:.1f} CER {100 * result['cer']:.1f} "
+          f"({record['seconds']:.0f} s)", flush=True)
+    return record
+
+
+def probe_config(chain: Chain):
+    from .probe import ProbeConfig
+
+    fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k != "fbank"}
+    return ProbeConfig(seed=chain.seed, **fields)
+
+
+def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str], set_name: str) -> dict:
+    """Stage: the frozen-upstream probe of one checkpoint (or FBANK) on one set, with its test WER / CER;
+    ``upstream``: an eqssl.cli.probe.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
+    import torch
+
+    from .probe import probe
+
+    folder = os.path.join(chain.folder, "probe", name, set_name)
+    record = finished(folder, upstream_sha256)
+    if record is not None:
+        return record
+    os.makedirs(folder, exist_ok=True)
+    start = time.time()
+    data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
+    result = probe(upstream.source, data, probe_config(chain), os.path.join(chain.out, chain.preset, "features"),
+                   set_name, upstream=upstream)
+    torch.save(result.pop("head_state"), os.path.join(folder, "probe_head.pt"))
+    record = mark_finished(folder, "probe_head.pt", input_sha256=upstream_sha256, upstream=name, set=set_name,
+                           wer=result["wer"], cer=result["cer"], layer_weights=result["layer_weights"],
+                           final_train_loss=result["final_train_loss"], seconds=round(time.time() - start, 1))
+    print(f"{chain.tag} probe {name}/{set_name}: WER {100 * result['wer']:.1f} CER {100 * result['cer']:.1f} "
+          f"({record['seconds']:.0f} s)", flush=True)
+    return record
+
+
+def run_chain(chain: Chain) -> dict:
+    """All stages of one (preset, seed): pre-training runs with their gaps, then fine-tuning."""
+    import logging
+    import warnings
+
+    import torch
+
+    from .probe import FBANK, Upstream
+
+    torch.set_num_threads(chain.threads)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # in-process gap and evaluation: progress lines only
+    warnings.filterwarnings("ignore")
+    done: Dict[str, dict] = {}
+    for run in plan_pretraining(chain.preset, chain.settings):
+        done[run.name] = pretrain(chain, run, done)
+        if run.name == "cssl.1" and chain.settings.get("control"):
+            done[CONTROL] = random_init(chain, done)
+    sets = finetune_sets(chain.preset, chain.settings)
+    results = {}
+    if fbank_probed(chain.settings):
+        fbank = Upstream(FBANK)
+        results["fbank"] = {"pretraining": None, "finetune": {},
+                            "probe": {s: run_probe(chain, "fbank", fbank, None, s) for s in sets}}
+    for name, record in done.items():
+        pretrained = os.path.join(chain.folder, name, record["checkpoint"])
+        results[name] = {"pretraining": record, "probe": {}, "finetune": {}}
+        if chain.settings.get("probe"):
+            upstream = Upstream(pretrained)
+            results[name]["probe"] = {s: run_probe(chain, name, upstream, record["sha256"], s) for s in sets}
+    for name, record in finetuned(done, chain.settings).items():  # last: the probes rank the checkpoints sooner
+        pretrained = os.path.join(chain.folder, name, record["checkpoint"])
+        results[name]["finetune"] = {s: finetune(chain, name, pretrained, record["sha256"], s) for s in sets}
+    return results
+
+
+def finetuned(done: Dict[str, dict], settings: dict) -> Dict[str, dict]:
+    """The checkpoints that are fine-tuned: finetune.checkpoints (run names), or every one."""
+    chosen = settings["finetune"].get("checkpoints")
+    return {n: r for n, r in done.items() if not chosen or n in chosen}
+
+
+def fbank_probed(settings: dict) -> bool:
+    return bool(settings.get("probe")) and bool(settings["probe"].get("fbank", True))
+
+
+def collect_chain(chain: Chain) -> Optional[dict]:
+    """run_chain's results from the stage records if every stage of the chain finished and
+    verifies, else None; runs and changes nothing."""
+    done: Dict[str, dict] = {}
+    for run in plan_pretraining(chain.preset, chain.settings):
+        source = done[run.init_from] if run.init_from else None
+        record = finished(os.path.join(chain.folder, run.name), source["sha256"] if source else None, False)
+        if record is None:
+            return None
+        done[run.name] = record
+        if run.name == "cssl.1" and chain.settings.get("control"):
+            done[CONTROL] = finished(os.path.join(chain.folder, CONTROL), None, False)
+            if done[CONTROL] is None:
+                return None
+    sets = finetune_sets(chain.preset, chain.settings)
+    upstreams = {name: record["sha256"] for name, record in done.items()} if chain.settings.get("probe") else {}
+    if fbank_probed(chain.settings):
+        upstreams = {"fbank": None, **upstreams}
+    results = {}
+    for name, sha in upstreams.items():
+        probes = {s: finished(os.path.join(chain.folder, "probe", name, s), sha, False) for s in sets}
+        if any(r is None for r in probes.values()):
+            return None
+        results[name] = {"pretraining": done.get(name), "probe": probes, "finetune": {}}
+    for name, record in done.items():
+        results.setdefault(name, {"pretraining": record, "probe": {}, "finetune": {}})
+    for name, record in finetuned(done, chain.settings).items():
+        tuned = {s: finished(os.path.join(chain.folder, "finetune", name, s), record["sha256"], False) for s in sets}
+        if any(r is None for r in tuned.values()):
+            return None
+        results[name]["finetune"] = tuned
+    return results
+
+
+def new_path(path: str) -> str:
+    """path, or path with .1, .2 … before the extension if it exists: results are never overwritten."""
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(path):
+        path, n = f"{stem}.{n}{ext}", n + 1
+    return path
+
+
+def make_corpus(out: str, preset: str, size: str, source: Optional[str] = None) -> None:
+    """Stage: the preset's built-in corpus (eqssl-make-corpus resumes and verifies on a rerun);
+    ``source``: the preset's file if it is not a built-in."""
+    folder = os.path.join(out, preset, "corpus")
+    print(f"[{preset}] corpus: eqssl-make-corpus {folder} --preset {source or preset} --size {size}", flush=True)
+    result = subprocess.run(["eqssl-make-corpus", folder, "--preset", source or preset, "--size", size])
+    if result.returncode != 0:  # eqssl-make-corpus printed why
+        raise SystemExit(f"eqssl-reproduce: [{preset}] corpus: eqssl-make-corpus {folder} failed (exit status "
+                         f"{result.returncode}); nothing was trained")
