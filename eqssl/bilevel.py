@@ -21,6 +21,7 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, ContextManager, List, Optional, Sequence
 
 import numpy as np
@@ -44,11 +45,56 @@ class ShardRecord:
     """g_i(φ_i^k) for k = 0 … K-1, the losses the inner steps were taken on."""
     dropped: bool = False
     """True when a non-finite loss or gradient appeared: the shard added nothing to ``.grad``."""
+    gradient_change: float = math.nan
+    """‖∇g_i(φ_i^K) − ∇g_i(θ)‖ / ‖∇g_i(θ)‖: how much the inner steps changed the shard's gradient,
+    i.e. how far PTLOC's update is from CSSL's (0 for K = 0); nan unless measured."""
 
     @property
     def gap(self) -> float:
         """The equilibrium gap g_i(θ) - g_i(φ_i^K): how far θ is from the shard's K-step optimum."""
         return self.loss_before - self.loss_after
+
+
+class _GradientChange:
+    """‖G − g‖ / ‖g‖ between a shard's gradient g at θ (kept from its first inner step) and G at
+    φ^K, accumulated parameter by parameter from tensor hooks as the outer backward produces G,
+    so that G is never stored: only ‖G‖², ⟨G, g⟩ and ‖g‖² are."""
+
+    def __init__(self, params: Sequence[torch.Tensor], at_theta: List[Optional[torch.Tensor]],
+                 theta_scale: float) -> None:
+        self.params, self.at_theta, self.theta_scale = params, at_theta, theta_scale
+        # Sums stay on the parameters' device until value(): no synchronisation per parameter.
+        self.outer_sq: List[torch.Tensor] = []
+        self.dot: List[torch.Tensor] = []
+        self.handles: list = []
+
+    def _hook(self, index: int, grad: torch.Tensor) -> None:
+        outer = grad.detach().double()
+        self.outer_sq.append(outer.pow(2).sum())
+        if self.at_theta[index] is not None:
+            self.dot.append((outer * self.at_theta[index]).sum())
+
+    def __enter__(self) -> "_GradientChange":
+        self.handles = [p.register_hook(partial(self._hook, i)) for i, p in enumerate(self.params)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def value(self, outer_scale: float) -> float:
+        """The relative change, with G's backward scaled by ``outer_scale`` (weight × loss scale)."""
+        def total(values: List[torch.Tensor]) -> float:
+            return float(sum(v.double().cpu() for v in values)) if values else 0.0
+
+        outer_sq, dot = total(self.outer_sq), total(self.dot)
+        theta_sq = total([g.double().pow(2).sum() for g in self.at_theta if g is not None])
+        if outer_scale <= 0 or theta_sq <= 0:
+            return math.nan
+        a, b = 1.0 / outer_scale, 1.0 / self.theta_scale  # G = a·(hooked), g = b·(kept)
+        change_sq = a * a * outer_sq - 2 * a * b * dot + b * b * theta_sq
+        change = math.sqrt(max(change_sq, 0.0)) / (b * math.sqrt(theta_sq))
+        return change if math.isfinite(change) else math.nan
 
 
 class _RandomState:
@@ -106,11 +152,13 @@ def _sgd_update(p: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
     p.copy_(exact)  # exact: the lower 16 bits are zero
 
 
-def _sgd_step_in_backward(loss: torch.Tensor, params: Sequence[torch.Tensor], lr: float) -> bool:
+def _sgd_step_in_backward(loss: torch.Tensor, params: Sequence[torch.Tensor], lr: float,
+                          keep: Optional[List[Optional[torch.Tensor]]] = None) -> bool:
     """One inner SGD step φ ← φ - lr ∇loss(φ), applied to each parameter as soon as backward has
     finished its gradient (PyTorch's optimizer-in-backward pattern), so that at most one
     parameter's inner gradient exists at a time instead of a whole copy. Returns whether every
     gradient was finite. The parameters' ``.grad`` (the outer sum so far) is left as found.
+    ``keep``: a list as long as ``params`` that receives a float32 copy of each gradient.
 
     Safe because a parameter's gradient is complete only after every node that used it has run
     its backward; were its value still needed, autograd's version check would raise.
@@ -121,15 +169,17 @@ def _sgd_step_in_backward(loss: torch.Tensor, params: Sequence[torch.Tensor], lr
     # accumulated in it too) the sum overflows only for gradients that are unusable anyway.
     checksums: List[torch.Tensor] = []
 
-    def step(p: torch.Tensor) -> None:
+    def step(p: torch.Tensor, index: int) -> None:
         with torch.no_grad():
             checksums.append(p.grad.sum(dtype=torch.float32))
+            if keep is not None:
+                keep[index] = p.grad.to(torch.float32, copy=True)
             _sgd_update(p, p.grad, lr)
         p.grad = None
 
     for p in params:
         p.grad = None
-    handles = [p.register_post_accumulate_grad_hook(step) for p in params]
+    handles = [p.register_post_accumulate_grad_hook(partial(step, index=i)) for i, p in enumerate(params)]
     try:
         torch.autograd.backward(loss, inputs=list(params))
     finally:
@@ -155,6 +205,8 @@ def equilibrium_backward(
     outer_context: Optional[Callable[[int], ContextManager]] = None,
     inner_loss_scale: float = 1.0,
     same_randomness: bool = True,
+    measure_gradient_change: bool = False,
+    outer_loss_scale: float = 1.0,
 ) -> List[ShardRecord]:
     """Add the first-order equilibrium gradient ``Σ_i w_i ∇g_i(φ_i^K)`` to every trainable ``.grad``.
 
@@ -181,6 +233,11 @@ def equilibrium_backward(
         same_randomness: evaluate each shard's loss with the same random state (masks,
             negatives, dropout) at every point, so that g_i is one deterministic function of the
             parameters and ``loss_before - loss_after`` measures adaptation, not sampling noise.
+        measure_gradient_change: fill each record's ``gradient_change`` (K >= 1). Costs a float32
+            copy of the gradient at θ, kept from the first inner step, and a few dot products;
+            ``.grad`` is the same as without it.
+        outer_loss_scale: the factor ``backward`` multiplies the loss by (fairseq's fp16 loss
+            scale), divided out of the measured gradient change.
 
     Returns:
         One :class:`ShardRecord` per shard, in the order of ``closures``.
@@ -209,7 +266,9 @@ def equilibrium_backward(
         for i, (closure, inner_closure) in enumerate(zip(closures, inner_closures)):
             rng = _RandomState(cuda_devices) if same_randomness else None
             record = ShardRecord(math.nan, math.nan, weights[i])
-            for _ in range(inner_steps):
+            at_theta: Optional[List[Optional[torch.Tensor]]] = (
+                [None] * len(params) if measure_gradient_change and inner_steps > 0 else None)
+            for step in range(inner_steps):
                 if rng is not None:
                     rng.restore()
                 with record_function("eqssl.inner_forward"):
@@ -219,7 +278,8 @@ def equilibrium_backward(
                     record.dropped = True
                     break
                 with record_function("eqssl.inner_backward_and_step"):
-                    finite = _sgd_step_in_backward(loss * inner_loss_scale, params, inner_lr / inner_loss_scale)
+                    finite = _sgd_step_in_backward(loss * inner_loss_scale, params, inner_lr / inner_loss_scale,
+                                                   keep=at_theta if step == 0 else None)
                 del loss
                 if not finite:
                     record.dropped = True  # θ is restored below; nothing reached .grad
@@ -227,14 +287,19 @@ def equilibrium_backward(
             if not record.dropped:
                 if rng is not None:
                     rng.restore()
+                change = _GradientChange(params, at_theta, inner_loss_scale) if at_theta is not None else None
                 with outer_context(i), record_function("eqssl.outer_forward_backward"):
                     loss = closure()
                     record.loss_after = loss.item()
                     if math.isfinite(record.loss_after):
-                        backward(loss * weights[i])
+                        with change if change is not None else contextlib.nullcontext():
+                            backward(loss * weights[i])
                     else:
                         record.dropped = True
                     del loss
+                if change is not None and not record.dropped:
+                    record.gradient_change = change.value(weights[i] * outer_loss_scale)
+                del change, at_theta
             record.loss_before = record.inner_losses[0] if record.inner_losses else record.loss_after
             if theta:
                 with torch.no_grad(), record_function("eqssl.restore_theta"):

@@ -214,6 +214,51 @@ def test_mlp_inner_steps_change_the_gradient():
     assert not torch.allclose(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (8.0, 1024.0)])
+def test_gradient_change_matches_torch_func_and_leaves_grad_unchanged(K, scales):
+    """record.gradient_change is ‖∇g_i(φ_i^K) − ∇g_i(θ)‖ / ‖∇g_i(θ)‖ computed with torch.func,
+    whatever the inner and outer loss scales; measuring it changes no gradient."""
+    alpha, weights = 0.3, [0.7, 0.1, 2.0]
+    inner_scale, outer_scale = scales
+    model = make_mlp()
+    batches = random_batches(3)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss_fn(params, x, y):
+        return ((functional_call(model, params, (x,)) - y) ** 2).mean()
+
+    expected = []
+    for x, y in batches:
+        phi = dict(theta)
+        for _ in range(K):
+            g = grad(loss_fn)(phi, x, y)
+            phi = {n: phi[n] - alpha * g[n] for n in phi}
+        at_theta = torch.cat([t.flatten() for t in grad(loss_fn)(theta, x, y).values()])
+        at_phi = torch.cat([t.flatten() for t in grad(loss_fn)(phi, x, y).values()])
+        expected.append(float((at_phi - at_theta).norm() / at_theta.norm()))
+
+    plain = make_mlp()
+    equilibrium_backward(plain, [mse_closure(plain, x, y) for x, y in batches], K, alpha, weights,
+                         backward=lambda loss: (loss * outer_scale).backward(), inner_loss_scale=inner_scale)
+    records = equilibrium_backward(model, [mse_closure(model, x, y) for x, y in batches], K, alpha, weights,
+                                   backward=lambda loss: (loss * outer_scale).backward(),
+                                   inner_loss_scale=inner_scale, measure_gradient_change=True,
+                                   outer_loss_scale=outer_scale)
+    assert [r.gradient_change for r in records] == pytest.approx(expected, rel=1e-6)  # g(θ) kept in float32
+    assert min(expected) > 1e-3  # the inner steps did change the gradient
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_gradient_change_is_not_measured_without_inner_steps():
+    model = make_mlp()
+    batches = random_batches(2)
+    records = equilibrium_backward(model, [mse_closure(model, x, y) for x, y in batches], 0, 0.3,
+                                   measure_gradient_change=True)
+    assert all(math.isnan(r.gradient_change) for r in records)
+
+
 # --------------------------------------------------------------------------------------------
 # 3. K = 0 is the plain weighted average gradient
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ A new family (HuBERT, data2vec, CPC, …) subclasses :class:`EquilibriumCriterio
 methods: ``shard_loss`` and ``shard_stats`` (summable per-shard numbers, e.g. correct/count);
 optionally ``reduce_shard`` to turn its sums into logged metrics (accuracy, code perplexity,
 chance). Everything else (per-shard ``loss_before_s``, ``loss_after_s``, ``gap_s``,
-``dropped_s``, ``unreadable_s``, the weighted training loss) comes from this class. Its model
+``grad_change_s``, ``dropped_s``, ``unreadable_s``, the weighted training loss) comes from this class. Its model
 must also give the task ``min_input_samples()`` if clips shorter than some length give no target.
 """
 
@@ -74,6 +74,10 @@ class EquilibriumCriterion:
             log[f"_loss_after_{name}"] = record.loss_after if record is not None else 0.0
             log[f"dropped_{name}"] = 1.0 if name in records and records[name].dropped else 0.0
             log[f"unreadable_{name}"] = float((unreadable or {}).get(name, 0))
+            # Always present (zeros when not measured): workers sum their logs key by key.
+            change = record.gradient_change if record is not None else math.nan
+            log[f"_grad_change_{name}"] = change if math.isfinite(change) else 0.0
+            log[f"_grad_change_n_{name}"] = 1.0 if math.isfinite(change) else 0.0
             log.update(self.shard_stats(name, outputs[name] if record is not None else {}))
         return log
 
@@ -125,6 +129,10 @@ class EquilibriumCriterion:
             for counted in ("dropped", "unreadable"):
                 if f"{counted}_{name}" in logging_outputs[0]:
                     metrics.log_scalar_sum(f"{counted}_{name}", total(f"{counted}_{name}"))
+            if total(f"_grad_change_n_{name}"):  # PTLOC: how far the inner steps moved the gradient
+                metrics.log_scalar(f"grad_change_{name}",
+                                   total(f"_grad_change_{name}") / total(f"_grad_change_n_{name}"),
+                                   total(f"_grad_change_n_{name}"), round=4)
             if n == 0:
                 continue
             before = total(f"_loss_before_{name}") / n / LN2
