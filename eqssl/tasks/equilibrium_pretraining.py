@@ -65,6 +65,14 @@ class EquilibriumPretrainingConfig(AudioPretrainingConfig):
             "optimization.lr (the paper's alpha/beta = 10). Must be > 0"
         },
     )
+    inner_lr_schedule: ChoiceEnum(["constant", "outer"]) = field(
+        default="constant",
+        metadata={
+            "help": "'constant': alpha is inner_lr throughout; 'outer': alpha follows the outer "
+            "learning rate's schedule, alpha_t = inner_lr x lr_t / optimization.lr (the paper decays "
+            "alpha and beta together; the ptloc recipes use it)"
+        },
+    )
     shard_weights: str = field(
         default="",
         metadata={
@@ -110,6 +118,15 @@ class EquilibriumPretrainingConfig(AudioPretrainingConfig):
         default=None,
         metadata={"help": "alpha for validation_gap_steps; empty: the run's inner lr. Give it "
                   "explicitly to compare gaps across runs with different learning rates"},
+    )
+    log_gradient_change: bool = field(
+        default=True,
+        metadata={
+            "help": "with inner_steps > 0, log grad_change_<shard>: ||grad g(phi^K) - grad g(theta)|| / "
+            "||grad g(theta)||, how far the inner steps move each shard's gradient from CSSL's (near 0: "
+            "PTLOC trains like CSSL; raise inner_lr). Costs a float32 copy of the parameters' "
+            "gradient and a few dot products per shard and update"
+        },
     )
     check_audio_headers: bool = field(
         default=True,
@@ -409,12 +426,14 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
                 module,
                 [partial(shard_loss, model, n) for n in names],
                 inner_steps=0 if ignore_grad else self.cfg.inner_steps,
-                inner_lr=self.inner_lr,
+                inner_lr=self.scheduled_inner_lr(optimizer),
                 weights=weights,
                 inner_closures=[partial(shard_loss, module, n) for n in names],
                 backward=optimizer.backward,
                 outer_context=outer_context,
                 inner_loss_scale=_loss_scale(optimizer),
+                measure_gradient_change=self.cfg.log_gradient_change and not ignore_grad,
+                outer_loss_scale=_loss_scale(optimizer),
             )
             ddp = torch_ddp(model)
             if ddp is not None and ddp.require_backward_grad_sync and records[-1].dropped:
@@ -439,6 +458,12 @@ class EquilibriumPretrainingTask(AudioPretrainingTask):
         logging_output = criterion.update_logging_output(
             self.shard_names, dict(zip(names, records)), outputs, sample.get("unreadable"))
         return torch.tensor(logging_output["loss"]), 1, logging_output
+
+    def scheduled_inner_lr(self, optimizer) -> float:
+        """alpha for this update: inner_lr, scaled by the outer schedule under inner_lr_schedule=outer."""
+        if self.cfg.inner_lr_schedule == "constant":
+            return self.inner_lr
+        return self.inner_lr * optimizer.get_lr() / float(self.cfg.outer_lr[0])
 
     def _synchronising_pass(self, model, criterion, shard, optimizer, amp: bool) -> None:
         """A forward and backward through torch's DDP that adds nothing to the gradient.
