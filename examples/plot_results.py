@@ -11,8 +11,8 @@ Writes, per preset, into the figure folder:
   as error bars;
 - ``results_<preset>_curves.png``: CSSL.1's validation accuracy per shard against updates, every
   seed, with chance (the majority code for BEST-RQ);
-- ``results_<preset>_step_size.png`` (where the settings swept it): PTLOC.1's mean gap and its
-  downstream CER minus the compute-matched CSSL's, against α/β.
+- ``results_<preset>_step_size.png``: PTLOC.1's trajectory divergence from its constraint-off twin
+  and its downstream CER minus the twin's, against α/β.
 Names start ``results_bestrq_`` for the BEST-RQ family.
 Existing figures are replaced (they are generated files); nothing else is written.
 """
@@ -51,7 +51,7 @@ def plot_gap(out: str, preset: str, result: dict, seed: int, path: str) -> None:
     curves = {}
     for name, row in rows.items():
         log = os.path.join(folder, name, "train.log")
-        if os.path.exists(log) and (name == "cssl.1" or name.startswith(("ptloc.1", "cssl.1+"))):
+        if os.path.exists(log) and (name == "cssl.1" or name.startswith(("ptloc.1", "cssl.1+", "cssl.1.x"))):
             curves[name] = validation_curve(log)
     shards = [k[len("gap_"):] for k in (curves.get("cssl.1") or [{}])[0] if k.startswith("gap_")]
     if not shards:
@@ -139,17 +139,17 @@ def plot_curves(out: str, preset: str, result: dict, path: str) -> None:
 
 
 def plot_step_size(preset: str, result: dict, path: str) -> None:
-    """PTLOC.1's mean gap and downstream CER minus the matched CSSL's, against alpha/beta."""
-    sweep = result["step_size"]
+    """PTLOC.1's trajectory divergence from its twin and its downstream CER minus the twin's, against alpha/beta."""
+    sweep = [e for e in result["step_size"] if e.get("divergence")]
     ratios = [e["ratio"] for e in sweep]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].plot(ratios, [e["gap_difference"] for e in sweep], marker="o")
-    axes[0].set_ylabel("mean gap: PTLOC − matched CSSL (bits)")
+    axes[0].plot(ratios, [e["divergence"]["mean"] for e in sweep], marker="o")
+    axes[0].set_ylabel("‖θ − θ_twin‖ / ‖θ_twin − θ_start‖")
     for measure, title in MEASURES.items():
         points = [(e["ratio"], 100 * e[measure]["cer_difference"]) for e in sweep if measure in e]
         if points:
             axes[1].plot(*zip(*points), marker="o", label=title)
-    axes[1].set_ylabel("CER: PTLOC − matched CSSL (points)")
+    axes[1].set_ylabel("CER: PTLOC − its twin (points)")
     axes[1].legend(fontsize=7)
     for axis in axes:
         axis.set_xscale("log")

@@ -9,13 +9,15 @@ import math
 import pytest
 import yaml
 
-from conftest import REPO, run, tensorboard_scalars
+from conftest import REPO, run, tensorboard_scalars, train_log_values
 
 from eqssl.models.eq_wav2vec2 import load_pretraining_checkpoint
 from eqssl.experiment.fairseq_log import validations
 
-PRETRAINING = ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "ptloc.1.k1.r100", "cssl.1-temp", "cssl.2", "ptloc.2"]
-ROWS = ["fbank", "cssl.1", "none", "ptloc.1.k1", "cssl.1+2x", "ptloc.1.k1.r100", "cssl.1-temp", "cssl.2", "ptloc.2"]
+PRETRAINING = ["cssl.1", "cssl.1.x0.5", "ptloc.1.off", "cssl.1+2x", "ptloc.1.r10", "ptloc.1.r100", "cssl.1-temp",
+               "cssl.2", "cssl.2.twin", "ptloc.2.off", "ptloc.2.twin", "ptloc.2"]
+ROWS = ["fbank", "cssl.1", "none", *PRETRAINING[1:]]
+FINETUNED = ["cssl.1", "none", "cssl.1.x0.5", "ptloc.1.off", "ptloc.1.r10", "ptloc.2"]
 SETS = ["sv"]
 
 
@@ -28,14 +30,15 @@ def experiment(multilingual_corpus, tmp_path_factory):
     # corpus stage then verifies it and writes nothing.
     (out / "multilingual" / "corpus").symlink_to(multilingual_corpus)
     settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
-    settings.update(rounds=2, inner_steps=[1], validate_interval_updates=4)
+    settings.update(rounds=2, inner_steps=1, validate_interval_updates=4, positive_control=[0.5])
     settings["cssl1"].update(max_update=8, validate_interval_updates=4)
-    settings["ptloc"].update(max_update=3, warmup_updates=1)
-    settings["cssl_round"]["max_update"] = 3
+    # multilingual proportions: PTLOC rounds of 0.8 x 8 = 6 updates; two step sizes, so the alpha
+    # rule chooses the later rounds' from round 1
+    settings["ptloc"].update(ratios=[10, 100], pass_matched=True)
     settings["gap"]["batches"] = 2
-    settings["finetune"].update(max_update=4, sets={"multilingual": SETS})
+    settings["finetune"].update(max_update=4, sets={"multilingual": SETS}, checkpoints=FINETUNED)
     settings["probe"].update(updates=5, batch_size=4)
-    settings["step_size_sweep"] = {"ratios": [100], "presets": ["multilingual"]}
+    settings["pretrain_overrides"] += ["common.log_interval=2"]  # training lines (the gradient change) in 6 updates
     path = out / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
     command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out]
@@ -47,7 +50,7 @@ def experiment(multilingual_corpus, tmp_path_factory):
 def records(out):
     seed = out / "multilingual" / "seed1"
     found = {name: json.loads((seed / name / "eqssl_stage.json").read_text()) for name in PRETRAINING + ["none"]}
-    for name in PRETRAINING + ["none"]:
+    for name in FINETUNED:
         for s in SETS:
             found[f"{name}/{s}"] = json.loads((seed / "finetune" / name / s / "eqssl_stage.json").read_text())
     for name in ROWS:
@@ -63,7 +66,7 @@ def test_results_file_has_every_cell(experiment):
     assert list(result["checkpoints"]) == ROWS
     assert result["sets"] == {"sv": False}  # unseen in pre-training
     for name, row in result["checkpoints"].items():
-        measures = ["probe"] if name == "fbank" else ["probe", "finetune"]
+        measures = ["probe", "finetune"] if name in FINETUNED else ["probe"]
         for measure in measures:
             for s in SETS:
                 for metric in ("wer", "cer"):
@@ -82,71 +85,135 @@ def test_results_file_has_every_cell(experiment):
     assert table in stdout
     for row in result["checkpoints"].values():
         assert f"| {row['label']} |" in table
-    # One seed: no spread, so no minimum detectable difference, and the tables say so.
+    # One seed: no spread, so no minimum detectable difference and no verdict, and the tables say so.
     assert math.isnan(result["detectable"]["probe"]["sv"]["cer"]["mdd"])
     assert "| minimum detectable CER difference | n/a (one seed) |" in table
-    assert "| CSSL.1 − No pre-training (random init) |" in table
-    assert "| PTLOC.1 K=1 − CSSL.1 +2x updates (matched to PTLOC.1 K=1) |" in table
-    assert "| PTLOC.1 K=1 α/β=100 − CSSL.1 +2x updates (matched to PTLOC.1 K=1) |" in table
-    assert "| the paper's multilingual gains (0.8–3.4 % rel.) on CSSL.1's CER |" in table
-    # The gap of each PTLOC run against its matched CSSL, paired by seed, from the stage records.
+    assert result["detectable"]["probe"]["sv"]["cer"]["sensitivity"] == "undetermined"
+    for line in ["| CSSL.1 − No pre-training (random init) |", "| CSSL.1 − CSSL.1 at 0.5 of its budget |",
+                 "| PTLOC.1 K=1 α/β=10 − PTLOC.1 constraint off (twin, K=0) |",
+                 "| PTLOC.1 K=1 α/β=100 − CSSL.1 +2x updates (pass-matched to PTLOC.1) |",
+                 "| PTLOC.2 K=1 α/β=100 − PTLOC.2 of the twin chain (K=0) |", "| PTLOC.2 K=1 α/β=100 − CSSL.2 |",
+                 "| PTLOC.2 K=1 α/β=100 − CSSL.1 |",
+                 "| frozen-upstream probe: sensitive? (CSSL.1 beats ½ budget beyond the paired MDD) | undetermined |",
+                 "| the paper's multilingual gains (0.8–3.4 % rel.) on CSSL.1's CER |"]:
+        assert line in table, line
+    # The gap of each PTLOC run against its twin, paired by seed, from the stage records.
     found = records(out)
-    gaps = {d["a"]: d for d in result["gap_differences"]}
-    assert sorted(gaps) == ["ptloc.1.k1", "ptloc.1.k1.r100"]
+    gaps = {(d["a"], d["kind"]): d for d in result["gap_differences"]}
+    assert sorted(gaps) == [("ptloc.1.r10", "constraint"), ("ptloc.1.r10", "pass-matched"),
+                            ("ptloc.1.r100", "constraint"), ("ptloc.1.r100", "pass-matched"),
+                            ("ptloc.2", "constraint"), ("ptloc.2", "twin chain")]
     for shard in ("en", "fr", "nl"):
-        expected = found["ptloc.1.k1"]["gap"][shard]["gap"] - found["cssl.1+2x"]["gap"][shard]["gap"]
-        assert gaps["ptloc.1.k1"]["gap"][shard]["mean"] == pytest.approx(expected)
-    assert "PTLOC minus its compute-matched CSSL (bits" in table
+        expected = found["ptloc.1.r10"]["gap"][shard]["gap"] - found["ptloc.1.off"]["gap"][shard]["gap"]
+        assert gaps[("ptloc.1.r10", "constraint")]["gap"][shard]["mean"] == pytest.approx(expected)
+    assert "PTLOC minus its controls (bits" in table
     assert "Gap against frozen-upstream probe CER: Spearman ρ = " in table
-    # The sweep: alpha/beta 10 (the paper's) and 100, each against the same matched CSSL.
-    assert [(e["name"], e["ratio"], e["against"]) for e in result["step_size"]] == [
-        ("ptloc.1.k1", 10.0, "cssl.1+2x"), ("ptloc.1.k1.r100", 100.0, "cssl.1+2x")]
-    probe_delta = found["probe ptloc.1.k1.r100/sv"]["cer"] - found["probe cssl.1+2x/sv"]["cer"]
-    assert result["step_size"][1]["probe"]["cer_difference"] == pytest.approx(probe_delta)
-    assert "| 100 | 0.01 |" in table
+    # The inner step: alpha/beta 10 (the paper's) and 100, each against the same twin, with how far
+    # each took the trajectory and the outer gradient.
+    steps = result["step_size"]
+    assert [(e["name"], e["ratio"], e["against"]) for e in steps] == [
+        ("ptloc.1.r10", 10.0, "ptloc.1.off"), ("ptloc.1.r100", 100.0, "ptloc.1.off")]
+    probe_delta = found["probe ptloc.1.r100/sv"]["cer"] - found["probe ptloc.1.off/sv"]["cer"]
+    assert steps[1]["probe"]["cer_difference"] == pytest.approx(probe_delta)
+    for e in steps:
+        assert e["divergence"]["mean"] == pytest.approx(found[e["name"]]["divergence"]["value"]) and e["divergence"]["mean"] > 0
+        assert 0 < e["gradient_change"]["mean"] < 10
+    assert steps[0]["gradient_change"]["mean"] < steps[1]["gradient_change"]["mean"]  # a larger step moves it more
+    assert "| 100 | 0.005 |" in table  # beta = 0.1 x the tiny recipe's 5e-4 (multilingual proportions)
+    assert "validation loss per run" in table and "Probe feature cache of multilingual:" in table
     seconds = result["seconds"]
     assert seconds["pretraining"] == pytest.approx(sum(found[n]["seconds"] for n in PRETRAINING + ["none"]))
     assert "Compute of multilingual (1 seed(s))" in table
+    assert "progress: 33/33 stages" in stdout
 
 
-def test_compute_matched_baseline_makes_as_many_passes_as_ptloc(experiment):
+def test_twin_and_pass_matched_runs_differ_from_ptloc_only_where_they_should(experiment):
+    """The twin has exactly PTLOC's start, updates, learning rates and schedule, with inner_steps 0;
+    the pass-matched CSSL (K+1) x the updates and passes at the same β and schedule shape."""
     out, _, _ = experiment
     seed = out / "multilingual" / "seed1"
-    ptloc = load_pretraining_checkpoint(str(seed / "ptloc.1.k1" / "checkpoint_last.pt"))
-    cssl = load_pretraining_checkpoint(str(seed / "cssl.1+2x" / "checkpoint_last.pt"))
-    k = ptloc["cfg"]["task"]["inner_steps"]
-    assert (k, cssl["cfg"]["task"]["inner_steps"]) == (1, 0)
-    for state in (ptloc, cssl):
-        assert state["cfg"]["task"]["shard_sampling"] == "all"  # every shard in every update
-        assert list(state["cfg"]["optimization"]["lr"]) == [0.0001]
-    ptloc_updates = ptloc["optimizer_history"][-1]["num_updates"]
-    cssl_updates = cssl["optimizer_history"][-1]["num_updates"]
-    assert ptloc_updates == 3
-    assert cssl_updates == (k + 1) * ptloc_updates
     found = records(out)
-    assert found["cssl.1+2x"]["passes"] == found["ptloc.1.k1"]["passes"] == 3 * 3 * 2
-    # Both continue from CSSL.1's result, and the temperature baseline draws one language per update.
-    assert found["cssl.1+2x"]["input_sha256"] == found["ptloc.1.k1"]["input_sha256"] == found["cssl.1"]["sha256"]
+    states = {n: load_pretraining_checkpoint(str(seed / n / "checkpoint_last.pt"))
+              for n in ("ptloc.1.r10", "ptloc.1.r100", "ptloc.1.off", "cssl.1+2x")}
+    cfg = {n: state["cfg"] for n, state in states.items()}
+    assert [cfg[n]["task"]["inner_steps"] for n in states] == [1, 1, 0, 0]
+    for n in ("ptloc.1.r100", "ptloc.1.off"):
+        assert cfg[n]["lr_scheduler"] == cfg["ptloc.1.r10"]["lr_scheduler"], n
+        assert cfg[n]["optimization"]["max_update"] == cfg["ptloc.1.r10"]["optimization"]["max_update"] == 6
+        assert found[n]["input_sha256"] == found["ptloc.1.r10"]["input_sha256"] == found["cssl.1"]["sha256"]
+    assert cfg["ptloc.1.r10"]["lr_scheduler"]["_name"] == "tri_stage"
+    assert list(cfg["ptloc.1.r10"]["optimization"]["lr"]) == [0.00005]  # 0.1 x CSSL.1's 5e-4
+    assert cfg["ptloc.1.r100"]["task"]["inner_lr"] == pytest.approx(100 * 0.00005)
+    assert cfg["ptloc.1.r10"]["task"]["inner_lr"] == pytest.approx(10 * 0.00005)
+    # The learning rate of every logged update is the same for PTLOC and its twin.
+    logs = {n: train_log_values((seed / n / "train.log").read_text(), "lr") for n in ("ptloc.1.r10", "ptloc.1.off")}
+    assert logs["ptloc.1.r10"] and logs["ptloc.1.r10"] == logs["ptloc.1.off"]
+    matched = cfg["cssl.1+2x"]["lr_scheduler"]
+    assert cfg["cssl.1+2x"]["optimization"]["max_update"] == 12
+    for stage in ("warmup_steps", "hold_steps", "decay_steps"):
+        assert abs(matched[stage] - 2 * cfg["ptloc.1.r10"]["lr_scheduler"][stage]) <= 1, stage
+    assert found["cssl.1+2x"]["passes"] == found["ptloc.1.r10"]["passes"] == 6 * 3 * 2
     assert found["cssl.1-temp"]["passes"] == found["cssl.1-temp"]["num_updates"]
-    # The step-size sweep: the same passes from the same start, only alpha differs (alpha/beta = 100).
-    swept = load_pretraining_checkpoint(str(seed / "ptloc.1.k1.r100" / "checkpoint_last.pt"))
-    assert swept["cfg"]["task"]["inner_lr"] == pytest.approx(100 * 0.0001)
-    assert ptloc["cfg"]["task"]["inner_lr"] == pytest.approx(10 * 0.0001)
-    assert found["ptloc.1.k1.r100"]["passes"] == found["ptloc.1.k1"]["passes"]
-    assert found["ptloc.1.k1.r100"]["input_sha256"] == found["cssl.1"]["sha256"]
-    assert found["ptloc.1.k1.r100"]["compared_with"] == "cssl.1+2x"
+    # Round 2 runs on CSSL.1's schedule and length, from the PTLOC run the alpha rule chose, and the
+    # twin chain continues the twin.
+    choice = json.loads((out / "multilingual" / "chain_ratio.json").read_text())
+    assert set(choice["loss_at_theta_minus_twin"]) == {"10", "100"}
+    assert found["cssl.2"]["input_sha256"] == found[f"ptloc.1.r{choice['ratio']:g}"]["sha256"]
+    assert found["cssl.2.twin"]["input_sha256"] == found["ptloc.1.off"]["sha256"]
+    assert found["cssl.2"]["num_updates"] == found["cssl.1"]["num_updates"] == 8
+    assert found["ptloc.2"]["ratio"] == choice["ratio"]
+    assert found["ptloc.2.off"]["input_sha256"] == found["ptloc.2"]["input_sha256"] == found["cssl.2"]["sha256"]
+    # The positive control: CSSL.1 from scratch with half its budget.
+    assert found["cssl.1.x0.5"]["num_updates"] == 4 and found["cssl.1.x0.5"]["init_from"] is None
 
 
-def test_the_step_size_sweep_runs_on_the_presets_it_names():
-    from eqssl.experiment.plan import load_settings, plan_pretraining
+def test_the_alpha_rule_reads_round_one_validation_losses():
+    """The largest ratio within the tolerance of its twin's loss at θ; the smallest if none is."""
+    from eqssl.experiment.plan import choose_chain_ratio
 
-    settings = load_settings(str(REPO / "recipes" / "reproduce" / "small.yaml"))
-    settings["step_size_sweep"] = {"ratios": [100, 1000], "presets": ["multidomain"]}
-    runs = {run.name: run for run in plan_pretraining("multidomain", settings)}
-    assert [n for n in runs if ".r" in n] == ["ptloc.1.k1.r100", "ptloc.1.k1.r1000"]
-    assert "++task.inner_lr=0.1" in runs["ptloc.1.k1.r1000"].overrides
-    assert runs["ptloc.1.k1.r1000"].compared_with == "cssl.1+2x"
-    assert not [r for r in plan_pretraining("multilingual", settings) if ".r" in r.name]
+    def seed(losses):  # ratio -> loss at theta on both shards; the twin at 5.0
+        record = lambda loss: {"gap": {s: {"loss_before": loss} for s in ("a", "b")}}  # noqa: E731
+        return {"ptloc.1.off": record(5.0), **{f"ptloc.1.r{r:g}": record(v) for r, v in losses.items()}}
+
+    settings = {"ptloc": {"ratios": [10, 30, 100, 300]}, "chain": {"tolerance_bits": 0.1}}
+    both = [seed({10: 5.0, 30: 5.02, 100: 5.05, 300: 5.4}), seed({10: 5.0, 30: 5.01, 100: 5.13, 300: 5.5})]
+    choice = choose_chain_ratio(settings, both)
+    assert choice["ratio"] == 100  # 100: +0.09 on average, within 0.1; 300 is not
+    assert choice["loss_at_theta_minus_twin"]["100"] == pytest.approx(0.09)
+    assert choose_chain_ratio(settings, [seed({10: 5.2, 30: 5.3, 100: 5.4, 300: 5.5})])["ratio"] == 10
+
+
+def test_small_settings_follow_the_papers_proportions():
+    """BEST-RQ small: PTLOC.r is 3/4 of its CSSL round at 0.05 x its peak lr (4/5 and 0.1
+    multilingual), each alpha/beta ratio against one twin, CSSL.r as long as CSSL.1, three rounds
+    with the twin chain on multidomain; --plan prints the table paper vs eqssl."""
+    from eqssl.experiment.plan import learning_rates, load_settings, plan_pretraining
+
+    settings = load_settings("small", "bestrq")
+    runs = {r.name: r for r in plan_pretraining("multidomain", settings, 100.0)}
+    cssl = runs["cssl.1"].schedule
+    assert [n for n in runs if n.startswith("ptloc.1.r")] == ["ptloc.1.r10", "ptloc.1.r30", "ptloc.1.r100", "ptloc.1.r300"]
+    for ratio in (10, 30, 100, 300):
+        run_ = runs[f"ptloc.1.r{ratio}"]
+        assert run_.schedule["max_update"] == 0.75 * cssl["max_update"] and run_.twin == "ptloc.1.off"
+        assert run_.schedule["lr"] == pytest.approx(0.05 * cssl["lr"])
+        assert f"++task.inner_lr={ratio * 0.05 * cssl['lr']:g}" in run_.overrides
+    assert runs["ptloc.1.off"].schedule == {k: v for k, v in runs["ptloc.1.r10"].schedule.items() if k != "inner_lr"}
+    assert runs["cssl.2"].schedule == cssl and runs["cssl.3"].init_from == "ptloc.2"
+    assert runs["cssl.2"].init_from == "ptloc.1.r100" and runs["cssl.2.twin"].init_from == "ptloc.1.off"
+    assert runs["ptloc.3"].against == {"constraint": "ptloc.3.off", "twin chain": "ptloc.3.twin",
+                                       "vs CSSL.1": "cssl.1", "vs CSSL.r": "cssl.3"}
+    assert runs["cssl.1"].against == {"pre-training": "none", "¼ budget": "cssl.1.x0.25", "½ budget": "cssl.1.x0.5"}
+    rates = learning_rates(runs["ptloc.1.r10"].schedule)  # fairseq's tri_stage: constant, then decayed
+    assert max(rates) == pytest.approx(1e-4) and rates[500] == pytest.approx(1e-4)
+    assert rates[-1] == pytest.approx(1e-7, rel=0.05)
+    multilingual = {r.name: r for r in plan_pretraining("multilingual", settings)}
+    assert multilingual["ptloc.1.r10"].schedule["max_update"] == 1600 and "cssl.2" not in multilingual
+    printed = run(["eqssl-reproduce", "--model", "bestrq", "--size", "small", "--preset", "multidomain", "--plan",
+                   "--out", "/nonexistent"])
+    assert printed.returncode == 0, printed.stdout[-3000:]
+    assert "| PTLOC.r length / CSSL.r length | 0.75 | 1500 / 2000 updates = 0.75 |" in printed.stdout
+    assert "| Σ lr over PTLOC.r / over CSSL.r | 3.4 % | 5.2 % |" in printed.stdout
 
 
 def test_validation_logs_the_gap_of_every_shard_in_every_run(experiment):
@@ -199,8 +266,9 @@ def test_a_changed_checkpoint_redoes_it_and_what_depends_on_it(experiment):
     assert (seed / "cssl.2.stale").is_dir()  # moved aside, not deleted
     after = records(out)
     redone = {name for name in after if after[name] != before[name]}
-    assert redone == {"cssl.2", "ptloc.2", "cssl.2/sv", "ptloc.2/sv", "probe cssl.2/sv", "probe ptloc.2/sv"}
-    for name in ("cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp"):
+    assert redone == {"cssl.2", "ptloc.2", "ptloc.2.off", "ptloc.2/sv", "probe cssl.2/sv", "probe ptloc.2/sv",
+                      "probe ptloc.2.off/sv"}
+    for name in ("cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2.twin", "ptloc.2.twin"):
         assert f"{name}: done, skipped" in again.stdout
     # Same seed, same start: the redone runs repeat the first ones exactly.
     assert after["cssl.2"]["gap"] == before["cssl.2"]["gap"]
@@ -223,6 +291,11 @@ def test_bad_settings_fail_before_any_work(tmp_path):
     path.write_text(yaml.safe_dump(settings))
     old = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
     assert old.returncode != 0 and f"{path}: cssl1.patience is no longer read" in old.stdout
+    settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
+    settings["ptloc"]["lr"] = 0.0001  # the settings of a 200-update continuation
+    path.write_text(yaml.safe_dump(settings))
+    old = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
+    assert old.returncode != 0 and f"{path}: ptloc.lr is no longer read: β is proportions" in old.stdout
     assert not (tmp_path / "out").exists()
 
 
@@ -231,7 +304,7 @@ def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experimen
     seed = out / "multilingual" / "seed1"
     result = run(["python", REPO / "examples" / "compare_checkpoints.py", tmp_path,
                   "--checkpoints", f"A={seed / 'cssl.1' / 'checkpoint_last.pt'}",
-                  f"B={seed / 'ptloc.1.k1' / 'checkpoint_last.pt'}",
+                  f"B={seed / 'ptloc.1.r10' / 'checkpoint_last.pt'}",
                   "--sets", f"sv={multilingual_corpus / 'finetune' / 'sv'}", "--measures", "finetune", "probe",
                   "--control", "--probe-updates", "5", "--override", "optimization.max_update=4"])
     assert result.returncode == 0, result.stdout[-3000:]
@@ -245,7 +318,7 @@ def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experimen
     assert (tmp_path / "control" / "random_init.pt").exists()
 
 
-@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.k3", "cssl.1+4x", "cssl.1-temp", "cssl.3", "finetune"])
+@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "finetune"])
 def test_gpu_size_settings_compose(name):
     """The `full` (BASE, GPU) experiment is not run here; each kind of its runs composes in
     fairseq-hydra-train with the overrides eqssl-reproduce gives it (--cfg job runs nothing)."""
@@ -262,10 +335,10 @@ def test_gpu_size_settings_compose(name):
         command = pretrain_command(run_, "/data", "/save", 1, None if name == "cssl.1" else "/init.pt")
         expected = ["_name: equilibrium_pretraining", "distributed_world_size: 1", "validation_gap_steps: 1",
                     "encoder_embed_dim: 768"]
-        if name == "ptloc.1.k3":
-            expected += ["inner_steps: 3", "max_update: 10000"]
-        if name == "cssl.1+4x":
-            expected += ["inner_steps: 0", "max_update: 40000", "warmup_updates: 8000"]
+        if name == "ptloc.1.r10":  # multilingual proportions: 0.8 x 40000 updates, beta = 0.1 x 5e-4
+            expected += ["inner_steps: 1", "max_update: 32000", "_name: tri_stage", "inner_lr: 0.0005"]
+        if name == "cssl.1+2x":
+            expected += ["inner_steps: 0", "max_update: 64000", "_name: tri_stage", "decay_steps: 16000"]
         if name == "cssl.1-temp":
             expected += ["shard_sampling: temperature", "shards_per_update: 1"]
     result = run([*command, "--cfg", "job"])
@@ -286,7 +359,7 @@ def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
     assert nothing.returncode != 0 and "no finished seed for multilingual" in nothing.stdout
 
 
-@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.k1", "cssl.1+2x", "cssl.1-temp", "cssl.2"])
+@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2"])
 def test_small_settings_compose(name):
     """The `small` experiment's runs compose with its recipes; every run continued from another
     keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
@@ -294,7 +367,8 @@ def test_small_settings_compose(name):
     from eqssl.experiment.stages import pretrain_command
 
     settings = load_settings("small")
-    run_ = {r.name: r for r in plan_pretraining("multilingual", settings)}[name]
+    preset = "multidomain" if name == "cssl.2" else "multilingual"  # three rounds on multidomain only
+    run_ = {r.name: r for r in plan_pretraining(preset, settings, 100.0)}[name]
     command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
     result = run([*command, "--cfg", "job"])
     assert result.returncode == 0, result.stdout[-3000:]
@@ -318,10 +392,9 @@ def test_bestrq_family_runs_compose(size):
     for key in ("checkpoints", "sets", "preset_overrides"):
         assert settings["finetune"].get(key) == wav2vec2["finetune"].get(key), key
     plan = plan_pretraining("multidomain", settings)
-    # every run of wav2vec 2.0's plan, in the same order (the family may add the step-size sweep)
-    names = [r.name for r in plan if ".r" not in r.name]
-    assert names == [r.name for r in plan_pretraining("multidomain", wav2vec2)]
-    for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.k1")):
+    # every run of wav2vec 2.0's plan, in the same order
+    assert [r.name for r in plan] == [r.name for r in plan_pretraining("multidomain", wav2vec2)]
+    for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.r10")):
         assert run_.recipe.startswith(("cssl_bestrq_", "ptloc_bestrq_"))
         assert not any("latent_temp" in o for o in run_.overrides)
         command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
@@ -364,8 +437,9 @@ def test_paired_differences_and_rank_correlation_by_hand():
 
 
 def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment):
-    """aggregate on the finished seed and a copy of it with known shifts: the paired spread, not
-    each row's, sets the minimum detectable difference of PTLOC against its matched CSSL."""
+    """aggregate on the finished seed and a copy of it with known shifts: the paired spread of
+    PTLOC.1 at the smallest α/β against its twin and its pass-matched CSSL sets the MDD; larger
+    steps keep their own spread."""
     import copy
 
     from eqssl.experiment.stages import Chain, collect_chain
@@ -378,35 +452,117 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     settings["preset_files"] = resolve_presets(["multilingual"], settings)
     first = collect_chain(Chain("multilingual", 1, str(out), settings, 1))
     second = copy.deepcopy(first)
-    second["ptloc.1.k1"]["probe"]["sv"]["cer"] += 0.02
-    second["cssl.1+2x"]["probe"]["sv"]["cer"] += 0.04  # also the matched CSSL of the r100 run
+    second["ptloc.1.r10"]["probe"]["sv"]["cer"] += 0.02
+    second["ptloc.1.off"]["probe"]["sv"]["cer"] += 0.04  # also the twin of the r100 run
+    second["cssl.1+2x"]["probe"]["sv"]["cer"] += 0.04
     result = aggregate("multilingual", settings, {1: first, 2: second})
     pairs = {(c["a"], c["b"]): c["cer"]["sv"] for c in result["comparisons"]["probe"]}
-    delta = first["ptloc.1.k1"]["probe"]["sv"]["cer"] - first["cssl.1+2x"]["probe"]["sv"]["cer"]
-    assert pairs[("ptloc.1.k1", "cssl.1+2x")]["mean"] == pytest.approx(delta - 0.01)
-    assert pairs[("ptloc.1.k1", "cssl.1+2x")]["sd"] == pytest.approx(0.02 / math.sqrt(2))
-    assert pairs[("ptloc.1.k1.r100", "cssl.1+2x")]["sd"] == pytest.approx(0.04 / math.sqrt(2))
+    delta = first["ptloc.1.r10"]["probe"]["sv"]["cer"] - first["ptloc.1.off"]["probe"]["sv"]["cer"]
+    assert pairs[("ptloc.1.r10", "ptloc.1.off")]["mean"] == pytest.approx(delta - 0.01)
+    assert pairs[("ptloc.1.r10", "ptloc.1.off")]["sd"] == pytest.approx(0.02 / math.sqrt(2))
+    assert pairs[("ptloc.1.r10", "cssl.1+2x")]["sd"] == pytest.approx(0.02 / math.sqrt(2))
+    assert pairs[("ptloc.1.r100", "ptloc.1.off")]["sd"] == pytest.approx(0.04 / math.sqrt(2))
     assert pairs[("cssl.1", "none")]["sd"] == pytest.approx(0.0)
-    # Only PTLOC against its matched CSSL sets the paired spread: the step-size sweep's r100 pair,
-    # whose spread is twice as large here, stays out of the pool.
-    pooled = 0.02 / math.sqrt(2)
+    pooled = 0.02 / math.sqrt(2)  # the r100 pairs, twice as spread here, stay out of the pool
     found = result["detectable"]["probe"]["sv"]["cer"]
     assert found["paired_sd"] == pytest.approx(pooled)
     assert found["paired_mdd"] == pytest.approx(minimum_detectable_difference(pooled, 2, paired=True))
-    # A difference between the pooled paired MDD and twice it: starred against a matched CSSL,
-    # not in the step-size sweep, whose pair is judged by its own (here twice as large) spread.
+    # The positive control did not move (CSSL.1 − ½ budget is the same in both seeds, well within
+    # the MDD): the probe is insensitive on sv, and no PTLOC comparison there is starred.
+    assert found["sensitivity"] == "insensitive"
     between = {"mean": -1.5 * found["paired_mdd"], "sd": 2 * pooled, "low": -1.0, "high": 1.0, "seeds": 2}
-    for a, star in (("ptloc.1.k1", "*"), ("ptloc.1.k1.r100", "")):
-        cell = _difference_cell(result, "probe", {"a": a, "b": "cssl.1+2x", "cer": {"sv": between}}, "sv",
-                                relative=False)
-        assert cell.startswith(f"{100 * between['mean']:+.1f}{star} ["), (a, cell)
+    cell = _difference_cell(result, "probe", {"a": "ptloc.1.r10", "b": "ptloc.1.off", "kind": "constraint",
+                                              "cer": {"sv": between}}, "sv", relative=False)
+    assert cell == f"{100 * between['mean']:+.1f} [-100.0, +100.0] (insensitive)"
     table = markdown("multilingual", result)
-    assert "| … paired, PTLOC − matched CSSL | " in table and "mean ± sd over 2 seed(s)" in table
-    assert f"{100 * (delta - 0.01):+.1f}" in table
-    # The summary leads with the answer: PTLOC against its matched CSSL beside the paired MDD,
-    # without the step-size sweep's rows.
+    assert "| frozen-upstream probe: sensitive? (CSSL.1 beats ½ budget beyond the paired MDD) | insensitive |" in table
+    # Make the ½-budget run clearly worse in both seeds: now the probe is sensitive on sv, and a
+    # PTLOC difference between the pooled paired MDD and twice it is starred against its twin, but
+    # not for the r100 run, whose pair is judged by its own (here twice as large) spread.
+    worse = 10 * found["paired_mdd"]
+    for results in (first, second):
+        results["cssl.1.x0.5"]["probe"]["sv"]["cer"] = results["cssl.1"]["probe"]["sv"]["cer"] + worse
+    result = aggregate("multilingual", settings, {1: first, 2: second})
+    found = result["detectable"]["probe"]["sv"]["cer"]
+    assert found["positive_control"]["mean"] == pytest.approx(-worse) and found["sensitivity"] == "sensitive"
+    for a, star in (("ptloc.1.r10", "*"), ("ptloc.1.r100", "")):
+        cell = _difference_cell(result, "probe", {"a": a, "b": "ptloc.1.off", "kind": "constraint",
+                                                  "cer": {"sv": between}}, "sv", relative=False)
+        assert cell.startswith(f"{100 * between['mean']:+.1f}{star} [") and "insensitive" not in cell, (a, cell)
+    table = markdown("multilingual", result)
+    assert "| … paired (PTLOC.1 − twin and − pass-matched) | " in table and "mean ± sd over 2 seed(s)" in table
     summary = table[:table.index("did pre-training learn?")]
     assert summary.startswith("### multilingual: summary, CER differences a − b in points (paired over 2 seed(s)")
-    assert f"| frozen-upstream probe: PTLOC.1 K=1 − matched CSSL | {100 * (delta - 0.01):+.1f}" in summary
-    assert f"| frozen-upstream probe: paired MDD, PTLOC − matched CSSL | {100 * found['paired_mdd']:.1f} (" in summary
-    assert "| full fine-tuning: CSSL.1 − random init |" in summary and "α/β=100" not in summary
+    assert f"| frozen-upstream probe: PTLOC.1 K=1 α/β=10 − twin | {100 * (delta - 0.01):+.1f}" in summary
+    assert "| frozen-upstream probe: sensitive? (CSSL.1 beats ½ budget beyond the paired MDD) | sensitive |" in summary
+    assert f"| frozen-upstream probe: paired MDD (PTLOC.1 − twin and − pass-matched, smallest α/β) | {100 * found['paired_mdd']:.1f} (" in summary
+    assert "| full fine-tuning: CSSL.1 − random init |" in summary
+
+
+def test_the_sensitivity_verdict_on_constructed_numbers():
+    """Sensitive only where CSSL.1 beats its ½-budget run (lower CER) by more than the paired MDD."""
+    from eqssl.experiment.report import sensitivity
+
+    assert sensitivity({"mean": -0.05}, 0.02) == "sensitive"
+    assert sensitivity({"mean": -0.01}, 0.02) == "insensitive"  # better, but within the MDD
+    assert sensitivity({"mean": +0.05}, 0.02) == "insensitive"  # the known better model scored worse
+    assert sensitivity({"mean": -0.05}, math.nan) == "undetermined"  # one seed: no spread
+    assert sensitivity(None, 0.02) == "undetermined"  # no positive control
+
+
+def test_a_diverging_run_is_named_with_its_update(tmp_path):
+    """Inner steps that raise the loss on most shards for three training lines in a row, or a
+    validation loss far above the start's, give one warning each, naming the run and the update."""
+    from eqssl.experiment.stages import divergence_warnings
+
+    def train(update, before, after):
+        shards = ", ".join(f"loss_before_{s}={b}, loss_after_{s}={a}" for s, b, a in zip("xyz", before, after))
+        return f"[2026-12-02 10:00:00][train_inner][INFO] - epoch 001: 10 / 99 loss=1, {shards}, num_updates={update}\n"
+
+    def valid(update, loss):
+        return f"[2026-12-02 10:00:00][valid][INFO] - epoch 001 | valid on 'valid' subset | loss {loss} | num_updates {update}\n"
+
+    log = tmp_path / "train.log"
+    healthy = [train(10 * i, (5, 5, 5), (4.9, 4.9, 5.1)) for i in range(1, 6)] + [valid(50, 5.2)]
+    log.write_text("".join(healthy))
+    assert divergence_warnings(str(log), "[p seed 1] ptloc.1.r300", start_loss=5.0) == []
+    diverging = [train(10 * i, (5, 5, 5), (5.2, 5.3, 4.9)) for i in range(1, 4)] + [valid(30, 5.7)]
+    log.write_text("".join(healthy + diverging))
+    warnings = divergence_warnings(str(log), "[p seed 1] ptloc.1.r300", start_loss=5.0)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("[p seed 1] ptloc.1.r300: the inner step raised the loss on most shards (x, y)")
+    assert "up to update 30" in warnings[0]
+    assert warnings[1] == ("[p seed 1] ptloc.1.r300: validation loss 5.700 at update 30 is 0.70 bits above its "
+                           "start's (5.000)")
+
+
+def test_a_failing_chain_leaves_the_others_and_resumes(experiment, tmp_path):
+    """Under --jobs 2, a chain that raises is reported with its stage, log and last line; the
+    other chain finishes and is tabulated, the exit status says one failed, and a rerun resumes
+    the failed chain from its last finished stage."""
+    import shutil
+
+    out, command, _ = experiment
+    mine = tmp_path / "out"
+    (mine / "multilingual").mkdir(parents=True)
+    (mine / "multilingual" / "corpus").symlink_to((out / "multilingual" / "corpus").resolve())
+    shutil.copytree(out / "multilingual" / "seed1", mine / "multilingual" / "seed1", symlinks=True)
+    shutil.copy(out / "multilingual" / "chain_ratio.json", mine / "multilingual")
+    blocked = mine / "multilingual" / "seed2" / "ptloc.1.off"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("in the way")  # a file where the twin's run folder goes
+    again = [*command[:-1], mine, "--seeds", "2", "--jobs", "2"]
+    first = run(again)
+    assert first.returncode == 1, first.stdout[-3000:]
+    assert "FAILED [multilingual seed 2] ptloc.1.off failed (folder: " in first.stdout
+    assert "FileExistsError" in first.stdout and "1 chain(s) failed" in first.stdout
+    assert "mean ± sd over 1 seed(s)" in first.stdout  # seed 1's tables
+    assert json.loads((mine / "results.json").read_text())["failures"]
+    for name in ("cssl.1", "cssl.1.x0.5"):
+        assert (mine / "multilingual" / "seed2" / name / "eqssl_stage.json").exists()
+    blocked.unlink()
+    second = run(again)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "[multilingual seed 2] cssl.1: done, skipped" in second.stdout
+    assert "[multilingual seed 2] ptloc.1.off: PTLOC.1 constraint off" in second.stdout
+    assert "mean ± sd over 2 seed(s)" in second.stdout

@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 
 from .. import experiment
 from ..corpus.presets import CorpusError, preset_name
-from ..experiment.plan import CONTROL, FAMILIES, ReproduceError, finetune_sets, load_settings, plan_pretraining, resolve_presets
+from ..experiment.plan import (CONTROL, FAMILIES, ReproduceError, finetune_sets, load_settings, plan_pretraining,
+                               resolve_presets, round1_ratios)
+from ..experiment.report import plan_table
 from ..experiment.runner import run_experiment
 from ..locking import FolderLockedError, folder_lock
 
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(preset, seed) chains run at once, each with cores/jobs threads")
+    parser.add_argument("--plan", action="store_true",
+                        help="run nothing: print every pre-training run of a seed (start, updates, learning rates "
+                        "and their sum) and the protocol's proportions beside the paper's")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: tabulate the seeds whose every stage has finished")
     return parser
@@ -43,15 +48,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = load_settings(args.size, args.model)
         settings["preset_files"] = resolve_presets(args.preset, settings)
         args.preset = list(dict.fromkeys(preset_name(p) for p in args.preset))
+        names = {CONTROL}
         for preset in args.preset:
             finetune_sets(preset, settings)  # fail on a bad set or run name before any work
-            names = [r.name for r in plan_pretraining(preset, settings)] + [CONTROL]
-            unknown = [n for n in settings["finetune"].get("checkpoints") or [] if n not in names]
-            if unknown:
-                raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "
-                                     f"the {preset} runs are {', '.join(names)}")
+            ratio = round1_ratios(settings)[0]  # later rounds' names do not depend on the ratio chosen
+            names.update(r.name for r in plan_pretraining(preset, settings, ratio))
+        unknown = [n for n in settings["finetune"].get("checkpoints") or [] if n not in names]
+        if unknown:
+            raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "
+                                 f"the runs are {', '.join(sorted(names))}")
     except (ReproduceError, CorpusError) as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
+    if args.plan:  # runs nothing
+        print("\n".join(plan_table(preset, settings) for preset in args.preset))
+        return 0
     if args.report:  # reads finished records only, and never overwrites a results file
         return run_experiment(args, settings)
     try:

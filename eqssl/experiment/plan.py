@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import yaml
 
+from .statistics import mean
 from ..corpus.presets import RECIPES, SIZES, Preset, is_file, load_preset, preset_name, preset_path
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,22 @@ class ReproduceError(RuntimeError):
 
 
 # ------------------------------------------------------------------ plan
+PAPER_RATIO = 10.0
+"""α/β in the paper (both settings)."""
+
+COMPARISONS = {
+    "pre-training": "CSSL.1 − random init: does pre-training show at all",
+    "½ budget": "CSSL.1 − CSSL.1 at ½ budget: the positive control (a known, better model)",
+    "¼ budget": "CSSL.1 − CSSL.1 at ¼ budget",
+    "constraint": "PTLOC − its twin (inner_steps 0, same start, updates, learning rates, schedule)",
+    "pass-matched": "PTLOC − CSSL with as many forward/backward passes, same learning rate and shape",
+    "twin chain": "PTLOC.r − PTLOC.r of the chain with the constraint off in every PTLOC round",
+    "vs CSSL.1": "the paper's comparison: PTLOC.r − CSSL.1",
+    "vs CSSL.r": "the paper's comparison: PTLOC.r − the CSSL round it started from",
+}
+"""The kinds of a − b comparisons a run can ask for (PretrainRun.against), in the order reported."""
+
+
 @dataclass
 class PretrainRun:
     """One fairseq pre-training run of the experiment."""
@@ -39,14 +56,37 @@ class PretrainRun:
     """Name of the run whose checkpoint starts this one (None: from scratch)."""
     checkpoint: str = "checkpoint_last.pt"
     """Which of the run's checkpoints is its result."""
-    matched_to: Optional[str] = None
-    """For a compute-matched baseline: the PTLOC run whose passes it matches."""
-    compared_with: Optional[str] = None
-    """For a PTLOC run of the inner step-size sweep: the compute-matched CSSL run it is compared with."""
+    round: int = 1
+    ratio: Optional[float] = None
+    """α/β of a PTLOC run (None for every other run)."""
+    twin: Optional[str] = None
+    """For a PTLOC run: its constraint-off twin, the run its trajectory divergence is measured from."""
+    against: Dict[str, str] = field(default_factory=dict)
+    """Comparison kind (COMPARISONS) -> the run b of the row `this − b`."""
+    schedule: Dict[str, float] = field(default_factory=dict)
+    """The learning-rate schedule (fairseq scheduler and its numbers), for the proportions table."""
 
 
 FAMILIES = {"wav2vec2": "", "bestrq": "bestrq_"}
 """Model families eqssl-reproduce runs: --model NAME picks recipes/pretrain/{cssl,ptloc}_<prefix><model>."""
+
+PROPORTION_FIELDS = {
+    "ptloc_length": "PTLOC.r updates / CSSL.r updates",
+    "ptloc_lr": "β / the CSSL round's peak learning rate",
+    "ptloc_decay": "the part of a PTLOC round whose learning rate decays",
+    "final_lr_scale": "the learning rate at the end of a PTLOC round / β",
+}
+"""What a settings file's ``proportions.<kind>`` states, per kind of pre-training."""
+
+RETIRED = {
+    ("cssl1", "patience"): "CSSL.1 runs a fixed budget of cssl1.max_update updates (patience on a loss that "
+                           "barely moves on wav2vec 2.0's early plateau stopped runs at chance)",
+    ("ptloc", "max_update"): "a PTLOC round is proportions.<kind>.ptloc_length of its CSSL round",
+    ("ptloc", "lr"): "β is proportions.<kind>.ptloc_lr x the CSSL round's peak learning rate",
+    ("ptloc", "inner_lr"): "α is each of ptloc.ratios x β",
+    ("ptloc", "warmup_updates"): "ptloc.warmup is the warm-up's share of the round",
+    ("cssl_round", "max_update"): "CSSL.r (r >= 2) is as long as CSSL.1 and runs on its schedule",
+}
 
 
 def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
@@ -59,16 +99,6 @@ def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
         raise ReproduceError(f"no settings {path}; sizes: {', '.join(choices)} (or a .yaml path)")
     with open(path) as f:
         settings = yaml.safe_load(f)
-    required = ["corpus_size", "model", "rounds", "inner_steps", "validate_interval_updates", "cssl1",
-                "ptloc", "cssl_round", "temperature_baseline", "gap", "finetune"]
-    missing = [k for k in required if k not in settings]
-    if missing:
-        raise ReproduceError(f"{path}: missing field(s) {', '.join(missing)}")
-    if "patience" in settings["cssl1"]:
-        raise ReproduceError(
-            f"{path}: cssl1.patience is no longer read: CSSL.1 runs a fixed budget of cssl1.max_update "
-            "updates (patience on a loss that barely moves on wav2vec 2.0's early plateau stopped runs "
-            "at chance); remove the field")
     if family not in FAMILIES:
         raise ReproduceError(f"--model {family}: unknown model family; choose one of {', '.join(FAMILIES)}")
     if family != "wav2vec2":
@@ -78,72 +108,233 @@ def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
         for key, value in settings["families"][family].items():  # mappings are merged one level deep
             merge = isinstance(value, dict) and isinstance(settings.get(key), dict)
             settings[key] = {**settings[key], **value} if merge else value
+    check_settings(path, settings)
     settings["family"] = family
     settings["path"] = os.path.abspath(path)
     return settings
 
 
-def plan_pretraining(preset: str, settings: dict) -> List[PretrainRun]:
-    """Every pre-training run of one seed, in an order where each run's start exists before it."""
-    model, ptloc, gap = settings["model"], settings["ptloc"], settings["gap"]
-    model = FAMILIES[settings.get("family", "wav2vec2")] + str(model)
+def check_settings(path: str, settings: dict) -> None:
+    """Every field the plan reads, present and of the right kind; retired fields named with why."""
+    required = ["corpus_size", "model", "rounds", "inner_steps", "validate_interval_updates", "cssl1",
+                "ptloc", "proportions", "temperature_baseline", "gap", "finetune"]
+    missing = [k for k in required if k not in settings]
+    if missing:
+        raise ReproduceError(f"{path}: missing field(s) {', '.join(missing)}")
+    for (section, key), why in RETIRED.items():
+        if key in (settings.get(section) or {}):
+            raise ReproduceError(f"{path}: {section}.{key} is no longer read: {why}; remove the field")
+    if not isinstance(settings["inner_steps"], int) or settings["inner_steps"] < 1:
+        raise ReproduceError(f"{path}: inner_steps: one K >= 1 for every PTLOC run, got {settings['inner_steps']!r}")
+    if not isinstance(settings["rounds"], int) or not 1 <= settings["rounds"] <= 3:
+        raise ReproduceError(f"{path}: rounds: 1, 2 or 3, got {settings['rounds']!r}")
+    ratios = settings["ptloc"].get("ratios")
+    if not ratios or any(not isinstance(r, (int, float)) or r <= 0 for r in ratios):
+        raise ReproduceError(f"{path}: ptloc.ratios: a list of α/β values > 0, got {ratios!r}")
+    for kind in ("multi-domain", "multilingual"):
+        found = (settings["proportions"] or {}).get(kind) or {}
+        absent = [k for k in PROPORTION_FIELDS if k not in found]
+        if absent:
+            raise ReproduceError(f"{path}: proportions.{kind}: missing field(s) {', '.join(absent)} "
+                                 f"({'; '.join(f'{k}: {PROPORTION_FIELDS[k]}' for k in absent)})")
+        if not 0 < float(settings["ptloc"].get("warmup", 0)) + float(found["ptloc_decay"]) < 1:
+            raise ReproduceError(f"{path}: ptloc.warmup + proportions.{kind}.ptloc_decay must be in (0, 1)")
+    for fraction in settings.get("positive_control") or []:
+        if not 0 < fraction < 1:
+            raise ReproduceError(f"{path}: positive_control: fractions of CSSL.1's budget in (0, 1), got {fraction!r}")
+
+
+def recipe_value(recipe: str, section: str, key: str):
+    """A field of a recipes/pretrain recipe (e.g. optimization.lr), as the YAML states it."""
+    with open(os.path.join(RECIPES, "pretrain", f"{recipe}.yaml")) as f:
+        return (yaml.safe_load(f).get(section) or {}).get(key)
+
+
+def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value the last ``key=value`` (or ``++key=value``) override gives, else None."""
+    values = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith(key + "=")]
+    return values[-1] if values else None
+
+
+def proportions(preset: str, settings: dict) -> dict:
+    """The settings' proportions for this preset's kind of pre-training (multi-domain / multilingual)."""
+    return settings["proportions"][pretraining_kind(preset, settings)]
+
+
+def ptloc_schedule(updates: int, beta: float, warmup: float, decay: float, final_lr_scale: float) -> Dict[str, float]:
+    """fairseq's tri_stage in steps: warm-up, constant at β, then exponential decay to final_lr_scale·β."""
+    warmup_steps, decay_steps = round(warmup * updates), max(1, round(decay * updates))
+    return {"scheduler": "tri_stage", "lr": beta, "max_update": updates, "warmup_steps": warmup_steps,
+            "hold_steps": updates - warmup_steps - decay_steps, "decay_steps": decay_steps,
+            "init_lr_scale": 0.01, "final_lr_scale": final_lr_scale}
+
+
+def schedule_overrides(schedule: Dict[str, float]) -> List[str]:
+    """The hydra overrides that give a PTLOC-recipe run this tri_stage schedule."""
+    return [f"optimization.lr=[{schedule['lr']:.6g}]", f"optimization.max_update={schedule['max_update']}",
+            "lr_scheduler.phase_ratio=null", f"lr_scheduler.warmup_steps={schedule['warmup_steps']}",
+            f"lr_scheduler.hold_steps={schedule['hold_steps']}", f"lr_scheduler.decay_steps={schedule['decay_steps']}",
+            f"lr_scheduler.init_lr_scale={schedule['init_lr_scale']}",
+            f"lr_scheduler.final_lr_scale={schedule['final_lr_scale']}"]
+
+
+def plan_pretraining(preset: str, settings: dict, chain_ratio: Optional[float] = None) -> List[PretrainRun]:
+    """Every pre-training run of one seed, in an order where each run's start (and a PTLOC run's
+    twin) exists before it. Rounds r >= 2 run PTLOC at ``chain_ratio``, which the α rule picks
+    from round 1 (choose_chain_ratio); without it they are left out, unless one ratio is set."""
+    family = settings.get("family", "wav2vec2")
+    model = FAMILIES[family] + str(settings["model"])
+    ptloc, gap, k = settings["ptloc"], settings["gap"], settings["inner_steps"]
+    kind = proportions(preset, settings)
+    ratios = [float(r) for r in ptloc["ratios"]]
+    if chain_ratio is None and len(ratios) == 1:
+        chain_ratio = ratios[0]
     interval = settings["validate_interval_updates"]
     common = [f"++task.validation_gap_steps={gap['inner_steps']}", f"++task.validation_gap_lr={gap['inner_lr']}",
               f"dataset.validate_interval_updates={interval}", f"checkpoint.save_interval_updates={interval}",
               "common.log_interval=10", *settings.get("pretrain_overrides", [])]
-    first = settings["inner_steps"][0]
     continued = common + settings.get("continued_overrides", [])  # every run that starts from another
 
-    def ptloc_run(name: str, label: str, k: int, init: str, inner_lr: float = ptloc["inner_lr"],
-                  compared_with: Optional[str] = None) -> PretrainRun:
-        return PretrainRun(name, label, f"ptloc_{model}", continued + [
-            f"++task.inner_steps={k}", f"++task.inner_lr={inner_lr}", f"optimization.lr=[{ptloc['lr']}]",
-            f"optimization.max_update={ptloc['max_update']}", f"lr_scheduler.warmup_updates={ptloc['warmup_updates']}",
-        ], init_from=init, compared_with=compared_with)
-
     cssl1 = settings["cssl1"]
+    cssl_recipe = f"cssl_{model}"
     budget = [f"dataset.validate_interval_updates={cssl1['validate_interval_updates']}",
-              f"checkpoint.save_interval_updates={cssl1['validate_interval_updates']}",
-              *cssl1.get("overrides", [])]
-    runs = [PretrainRun("cssl.1", "CSSL.1", f"cssl_{model}", common + budget + [
-        f"optimization.max_update={cssl1['max_update']}"])]
-    for k in settings["inner_steps"]:
-        runs.append(ptloc_run(f"ptloc.1.k{k}", f"PTLOC.1 K={k}", k, "cssl.1"))
-        runs.append(PretrainRun(
-            f"cssl.1+{k + 1}x", f"CSSL.1 +{k + 1}x updates (matched to PTLOC.1 K={k})", f"cssl_{model}", continued + [
-                f"optimization.lr=[{ptloc['lr']}]", f"optimization.max_update={ptloc['max_update'] * (k + 1)}",
-                f"lr_scheduler.warmup_updates={ptloc['warmup_updates'] * (k + 1)}",
-            ], init_from="cssl.1", matched_to=f"ptloc.1.k{k}"))
-    sweep = settings.get("step_size_sweep") or {}
-    if preset in (sweep.get("presets") or [preset]):
-        # The paper fixes alpha/beta = 10; one inner step that small barely moves a shard's loss,
-        # so PTLOC's gradient is nearly CSSL's. Larger inner steps, against the same matched CSSL.
-        for ratio in sweep.get("ratios") or []:
-            runs.append(ptloc_run(f"ptloc.1.k{first}.r{ratio:g}", f"PTLOC.1 K={first} α/β={ratio:g}", first, "cssl.1",
-                                  inner_lr=float(f"{ratio * float(ptloc['lr']):.6g}"),
-                                  compared_with=f"cssl.1+{first + 1}x"))
+              f"checkpoint.save_interval_updates={cssl1['validate_interval_updates']}", *cssl1.get("overrides", [])]
+    cssl_updates = int(cssl1["max_update"])
+    peak = float((override_value(common + budget, "optimization.lr") or str(recipe_value(cssl_recipe, "optimization", "lr")))
+                 .strip("[]").split(",")[0])
+    warmup = int(override_value(common + budget, "lr_scheduler.warmup_updates")
+                 or recipe_value(cssl_recipe, "lr_scheduler", "warmup_updates") or 0)
+
+    def cssl_schedule(updates: int, warmup_updates: int) -> Dict[str, float]:
+        return {"scheduler": "polynomial_decay", "lr": peak, "max_update": updates, "warmup_updates": warmup_updates}
+
+    def cssl_run(name: str, label: str, init: Optional[str], fraction: float = 1.0, r: int = 1, **extra) -> PretrainRun:
+        updates, warm = round(cssl_updates * fraction), round(warmup * fraction)
+        base = continued if init else common
+        return PretrainRun(name, label, cssl_recipe, base + budget + [
+            f"optimization.max_update={updates}", f"lr_scheduler.warmup_updates={warm}"],
+            init_from=init, round=r, schedule=cssl_schedule(updates, warm), **extra)
+
+    ptloc_updates = round(float(kind["ptloc_length"]) * cssl_updates)
+    beta = float(f"{float(kind['ptloc_lr']) * peak:.6g}")
+
+    def ptloc_run(name: str, label: str, init: str, inner_steps: int, ratio: Optional[float], r: int,
+                  passes: int = 1, **extra) -> PretrainRun:
+        """PTLOC (inner_steps K), its twin (0) or its pass-matched CSSL (0, passes = K + 1 times
+        the updates): the PTLOC recipe, β, and the same schedule shape stretched to its length."""
+        schedule = ptloc_schedule(ptloc_updates * passes, beta, float(ptloc.get("warmup", 0.05)),
+                                  float(kind["ptloc_decay"]), float(kind["final_lr_scale"]))
+        overrides = continued + schedule_overrides(schedule) + [f"++task.inner_steps={inner_steps}"]
+        if ratio is not None:
+            overrides.append(f"++task.inner_lr={float(f'{ratio * beta:.6g}')}")
+            schedule = dict(schedule, inner_lr=float(f"{ratio * beta:.6g}"))
+        return PretrainRun(name, label, f"ptloc_{model}", overrides, init_from=init, round=r, ratio=ratio,
+                           schedule=schedule, **extra)
+
+    fractions = sorted(float(f) for f in settings.get("positive_control") or [])
+    against = {"pre-training": CONTROL}
+    against.update({f"{'½' if f == 0.5 else '¼' if f == 0.25 else f'{f:g}x'} budget": f"cssl.1.x{f:g}" for f in fractions})
+    runs = [cssl_run("cssl.1", "CSSL.1", None, against=against)]
+    # The positive control: CSSL.1 from scratch with a fraction of its budget, the same schedule shape.
+    for f in fractions:
+        runs.append(cssl_run(f"cssl.1.x{f:g}", f"CSSL.1 at {f:g} of its budget", None, fraction=f))
+    twin, matched = "ptloc.1.off", f"cssl.1+{k + 1}x"
+    runs.append(ptloc_run(twin, "PTLOC.1 constraint off (twin, K=0)", "cssl.1", 0, None, 1))
+    if ptloc.get("pass_matched", True):
+        runs.append(ptloc_run(matched, f"CSSL.1 +{k + 1}x updates (pass-matched to PTLOC.1)", "cssl.1", 0, None, 1,
+                              passes=k + 1))
+    for ratio in ratios:
+        pairs = {"constraint": twin, "pass-matched": matched, "vs CSSL.1": "cssl.1"}
+        if not ptloc.get("pass_matched", True):
+            del pairs["pass-matched"]
+        runs.append(ptloc_run(f"ptloc.1.r{ratio:g}", f"PTLOC.1 K={k} α/β={ratio:g}", "cssl.1", k, ratio, 1, twin=twin,
+                              against=pairs))
     pretrain = preset_sets(preset, settings).pretrain
     if len({spec.language for spec in pretrain}) > 1:  # multilingual pre-training: language sampling
         temp = settings["temperature_baseline"]
-        shards = len(pretrain)
         per = temp["shards_per_update"]
-        # As many shard passes as CSSL.1's budget: 1/per-th of the shards per update.
-        scale = max(1, shards // per)
+        scale = max(1, len(pretrain) // per)  # as many shard passes as CSSL.1: 1/per-th of the shards per update
         runs.append(PretrainRun(
             "cssl.1-temp", f"CSSL.1 temperature sampling (T={temp['temperature']}, {per} language/update)",
-            f"cssl_{model}", common + cssl1.get("overrides", []) + [
+            cssl_recipe, common + cssl1.get("overrides", []) + [
                 "++task.shard_sampling=temperature", f"++task.sampling_temperature={temp['temperature']}",
-                f"++task.shards_per_update={per}", f"optimization.max_update={cssl1['max_update'] * scale}",
+                f"++task.shards_per_update={per}", f"optimization.max_update={cssl_updates * scale}",
+                f"lr_scheduler.warmup_updates={warmup * scale}",
                 f"dataset.validate_interval_updates={cssl1['validate_interval_updates'] * scale}",
                 f"checkpoint.save_interval_updates={cssl1['validate_interval_updates'] * scale}",
-            ]))
-    previous = f"ptloc.1.k{first}"
-    for r in range(2, settings["rounds"] + 1):
-        runs.append(PretrainRun(f"cssl.{r}", f"CSSL.{r}", f"cssl_{model}", continued + [
-            f"optimization.max_update={settings['cssl_round']['max_update']}"], init_from=previous))
-        runs.append(ptloc_run(f"ptloc.{r}", f"PTLOC.{r} K={first}", first, f"cssl.{r}"))
-        previous = f"ptloc.{r}"
+            ], schedule=cssl_schedule(cssl_updates * scale, warmup * scale)))
+    if rounds(preset, settings) < 2 or chain_ratio is None:
+        return runs
+    previous, previous_twin = f"ptloc.1.r{chain_ratio:g}", twin
+    for r in range(2, rounds(preset, settings) + 1):
+        runs.append(cssl_run(f"cssl.{r}", f"CSSL.{r}", previous, r=r))
+        runs.append(cssl_run(f"cssl.{r}.twin", f"CSSL.{r} of the twin chain", previous_twin, r=r))
+        runs.append(ptloc_run(f"ptloc.{r}.off", f"PTLOC.{r} constraint off (twin, K=0)", f"cssl.{r}", 0, None, r))
+        runs.append(ptloc_run(f"ptloc.{r}.twin", f"PTLOC.{r} of the twin chain (K=0)", f"cssl.{r}.twin", 0, None, r))
+        runs.append(ptloc_run(f"ptloc.{r}", f"PTLOC.{r} K={k} α/β={chain_ratio:g}", f"cssl.{r}", k, chain_ratio, r,
+                              twin=f"ptloc.{r}.off", against={
+                                  "constraint": f"ptloc.{r}.off", "twin chain": f"ptloc.{r}.twin",
+                                  "vs CSSL.1": "cssl.1", "vs CSSL.r": f"cssl.{r}"}))
+        previous, previous_twin = f"ptloc.{r}", f"ptloc.{r}.twin"
     return runs
+
+
+def learning_rates(schedule: Dict[str, float]) -> List[float]:
+    """The learning rate of every update of a run, from fairseq's own scheduler classes."""
+    from fairseq.optim.lr_scheduler.polynomial_decay_schedule import (PolynomialDecayLRSchedule,
+                                                                      PolynomialDecayLRScheduleConfig)
+    from fairseq.optim.lr_scheduler.tri_stage_lr_scheduler import TriStageLRSchedule, TriStageLRScheduleConfig
+
+    import torch
+    from fairseq.optim import FairseqOptimizer
+
+    class LearningRateOnly(FairseqOptimizer):
+        """An SGD over one number: what the scheduler steps, with nothing to train."""
+
+        def __init__(self) -> None:
+            super().__init__(None)
+            self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+    fields = {k: v for k, v in schedule.items() if k not in ("scheduler", "lr", "inner_lr")}
+    if schedule["scheduler"] == "tri_stage":
+        cfg = TriStageLRScheduleConfig(lr=[schedule["lr"]], phase_ratio=None, **fields)
+        make = TriStageLRSchedule
+    else:
+        fields["total_num_update"] = fields.pop("max_update")
+        cfg = PolynomialDecayLRScheduleConfig(lr=[schedule["lr"]], **fields)
+        make = PolynomialDecayLRSchedule
+    optimizer = LearningRateOnly()
+    scheduler = make(cfg, optimizer)
+    rates = []
+    for update in range(int(schedule["max_update"])):  # fairseq steps the scheduler before each update
+        rates.append(scheduler.step_update(update))
+    return rates
+
+
+def rounds(preset: str, settings: dict) -> int:
+    """How many rounds this preset runs: ``rounds_by_preset.<preset>``, else ``rounds``."""
+    return int((settings.get("rounds_by_preset") or {}).get(preset, settings["rounds"]))
+
+
+def round1_ratios(settings: dict) -> List[float]:
+    return [float(r) for r in settings["ptloc"]["ratios"]]
+
+
+def choose_chain_ratio(settings: dict, round1: Sequence[Dict[str, dict]]) -> dict:
+    """The pre-registered α rule (docs/results.md): from round 1's validation data only, the
+    largest α/β whose PTLOC.1 validation loss at θ (eqssl-gap's loss before the inner step, mean
+    over shards and seeds) is within ``chain.tolerance_bits`` of its twin's; the smallest ratio
+    if none is. ``round1``: per seed, the stage records by run name."""
+    tolerance = float((settings.get("chain") or {}).get("tolerance_bits", 0.1))
+    evidence = {}
+    for ratio in round1_ratios(settings):
+        deltas = [mean(r[f"ptloc.1.r{ratio:g}"]["gap"][s]["loss_before"] - r["ptloc.1.off"]["gap"][s]["loss_before"]
+                       for s in r["ptloc.1.off"]["gap"]) for r in round1]
+        evidence[f"{ratio:g}"] = mean(deltas)
+    eligible = [float(r) for r, d in evidence.items() if d <= tolerance]
+    ratio = max(eligible) if eligible else min(round1_ratios(settings))
+    return {"ratio": ratio, "tolerance_bits": tolerance, "seeds": len(round1),
+            "loss_at_theta_minus_twin": evidence}
 
 
 def finetune_sets(preset: str, settings: dict) -> Dict[str, bool]:

@@ -4,10 +4,9 @@ comparisons paired by seed, the minimum detectable differences, the gap, the ste
 from __future__ import annotations
 
 import math
-import re
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-from .plan import CONTROL, FBANK_LABEL, finetune_sets, pretraining_kind
+from .plan import COMPARISONS, CONTROL, FBANK_LABEL, finetune_sets, pretraining_kind
 from .statistics import (mean, minimum_detectable_difference, paired_difference, seeds_needed, spearman,
                          summarise)
 
@@ -19,18 +18,38 @@ PAPER_GAINS = {"multi-domain": (0.045, 0.30), "multilingual": (0.008, 0.034)}
 
 
 def comparison_pairs(table: dict) -> List[tuple]:
-    """(a, b) row pairs the tables compare as a − b: CSSL.1 − no pre-training, every PTLOC − its
-    compute-matched CSSL, and every run of the step-size sweep − the matched CSSL it names."""
-    pairs = [("cssl.1", CONTROL)] if "cssl.1" in table and CONTROL in table else []
-    pairs += [(r["matched_to"], n) for n, r in table.items() if r["matched_to"] in table]
-    pairs += [(n, r["compared_with"]) for n, r in table.items() if r.get("compared_with") in table]
-    return pairs
+    """(a, b, kind) row pairs the tables compare as a − b, from each row's ``against`` (plan.COMPARISONS),
+    in the order of COMPARISONS, then of the rows."""
+    pairs = [(a, b, kind) for a, row in table.items() for kind, b in (row.get("against") or {}).items() if b in table]
+    order = list(COMPARISONS)
+    return sorted(pairs, key=lambda p: order.index(p[2]))
 
 
-def is_matched_pair(table: dict, a: str, b: str) -> bool:
-    """True where b is the CSSL compute-matched to a: the pairs the experiment is about, not the
-    step-size sweep's (which reuse a matched CSSL) nor CSSL.1 against random init."""
-    return b in table and table[b]["matched_to"] == a
+def pooled_kinds_pair(table: dict, a: str, kind: str) -> bool:
+    """True for the pairs whose spread sets the paired MDD: round-1 PTLOC at the smallest α/β (the
+    paper's 10, nearest CSSL) against its twin and its pass-matched CSSL. Larger steps keep their own
+    spread: a step that breaks the model would inflate the pool."""
+    ratios = [r["ratio"] for r in table.values() if r.get("round") == 1 and r.get("ratio") is not None]
+    row = table[a]
+    return (kind in ("constraint", "pass-matched") and row.get("round") == 1 and bool(ratios)
+            and row.get("ratio") == min(ratios))
+
+
+SENSITIVE, INSENSITIVE, UNDETERMINED = "sensitive", "insensitive", "undetermined"
+
+
+def sensitivity(positive_control: Optional[dict], paired_mdd: float) -> str:
+    """The verdict fixed before the run (docs/results.md): a set and measure is sensitive only if
+    CSSL.1 beats its ½-budget run (a lower CER: the mean of CSSL.1 − ½ budget < 0) by more than
+    the measure's paired MDD; undetermined without the positive control or without a spread."""
+    if positive_control is None or not math.isfinite(paired_mdd):
+        return UNDETERMINED
+    return SENSITIVE if positive_control["mean"] < 0 and abs(positive_control["mean"]) > paired_mdd else INSENSITIVE
+
+
+def mean_loss(record: dict) -> float:
+    """A checkpoint's validation loss at θ (eqssl-gap's loss before the inner step), mean over shards."""
+    return mean(shard["loss_before"] for shard in record["gap"].values())
 
 
 def mean_gap(record: dict) -> float:
@@ -56,7 +75,7 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
     sets = finetune_sets(preset, settings)
     comparisons = {measure: [] for measure in MEASURES}
     gap_differences = []
-    for a, b in comparison_pairs(table):
+    for a, b, kind in comparison_pairs(table):
         for measure in MEASURES:
             cells = {}
             for s in sets:
@@ -64,14 +83,15 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
                     cells[s] = paired_difference([per_seed[n][a][measure][s]["cer"] for n in seeds],
                                                  [per_seed[n][b][measure][s]["cer"] for n in seeds])
             if cells:
-                comparisons[measure].append({"a": a, "b": b, "cer": cells})
-        if b != CONTROL:
+                comparisons[measure].append({"a": a, "b": b, "kind": kind, "cer": cells})
+        if kind in ("constraint", "pass-matched", "twin chain"):
             records = {name: [per_seed[n][name]["pretraining"] for n in seeds] for name in (a, b)}
             shards = {shard: paired_difference([r["gap"][shard]["gap"] for r in records[a]],
                                                [r["gap"][shard]["gap"] for r in records[b]])
                       for shard in records[a][0]["gap"]}
             shards["mean"] = paired_difference([mean_gap(r) for r in records[a]], [mean_gap(r) for r in records[b]])
-            gap_differences.append({"a": a, "b": b, "gap": shards})
+            loss = paired_difference([mean_loss(r) for r in records[a]], [mean_loss(r) for r in records[b]])
+            gap_differences.append({"a": a, "b": b, "kind": kind, "gap": shards, "loss_at_theta": loss})
     # Does a lower gap go with better downstream scores? Every pre-trained row (not random weights).
     gap_vs_cer = {}
     for measure in MEASURES:
@@ -81,29 +101,26 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
                   if name != CONTROL and row["gap"] and all(s in row[measure] for s in sets)]
         gap_vs_cer[measure] = {"rows": [{"name": n, "gap": g, "cer": c} for n, g, c in points],
                                "spearman": spearman([p[1] for p in points], [p[2] for p in points])}
+    # The inner step: every round-1 PTLOC ratio against the same twin.
     sweep = []
-    ptloc = settings["ptloc"]
-    base = float(ptloc["inner_lr"]) / float(ptloc["lr"])
-    first = settings["inner_steps"][0]
     for name, row in table.items():
-        match = re.fullmatch(rf"ptloc\.1\.k{first}(?:\.r([\d.e+-]+))?", name)
-        if not match or not row["gap"]:
+        if row.get("round") != 1 or row.get("ratio") is None:
             continue
-        ratio = float(match.group(1)) if match.group(1) else base
-        gap = next((d for d in gap_differences if d["a"] == name), None)  # PTLOC is always a
-        entry = {"name": name, "ratio": ratio, "inner_lr": ratio * float(ptloc["lr"]),
-                 "against": gap["b"] if gap else None,
+        twin = next((d for d in gap_differences if d["a"] == name and d["kind"] == "constraint"), None)
+        entry = {"name": name, "ratio": row["ratio"], "inner_lr": row["schedule"].get("inner_lr"),
+                 "divergence": row["divergence"], "gradient_change": row["gradient_change"],
                  "gap": mean(mean_gap(per_seed[n][name]["pretraining"]) for n in seeds)}
-        if gap:
-            entry["gap_difference"] = gap["gap"]["mean"]["mean"]
+        if twin:
+            entry.update(against=twin["b"], gap_difference=twin["gap"]["mean"]["mean"],
+                         loss_difference=twin["loss_at_theta"]["mean"])
             for measure in MEASURES:
-                cells = next((c["cer"] for c in comparisons[measure] if c["a"] == name), {})
+                cells = next((c["cer"] for c in comparisons[measure] if c["a"] == name and c["kind"] == "constraint"), {})
                 if cells:
                     entry[measure] = {"cer_difference": mean(c["mean"] for c in cells.values()), "sets": len(cells)}
         sweep.append(entry)
     sweep.sort(key=lambda e: e["ratio"])
     return {"comparisons": comparisons, "gap_differences": gap_differences, "gap_vs_cer": gap_vs_cer,
-            "step_size": sweep if len(sweep) > 1 else [], "seconds": stage_seconds(per_seed),
+            "step_size": sweep, "seconds": stage_seconds(per_seed),
             "kind": pretraining_kind(preset, settings)}
 
 
@@ -117,10 +134,14 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
     for name in first:
         pretraining = [per_seed[s][name]["pretraining"] for s in seeds]
         label = pretraining[0]["label"] if pretraining[0] else FBANK_LABEL
-        row = {"label": label, "matched_to": pretraining[0]["matched_to"] if pretraining[0] else None,
-               "compared_with": pretraining[0].get("compared_with") if pretraining[0] else None,
-               "probe": {}, "finetune": {}, "gap": {}, "valid_accuracy": {}, "chance": None, "passes": {},
-               "num_updates": {}}
+        record = pretraining[0] or {}
+        row = {"label": label, "round": record.get("round"), "ratio": record.get("ratio"),
+               "against": dict(record.get("against") or {}), "init_from": record.get("init_from"),
+               "schedule": record.get("schedule") or {}, "probe": {}, "finetune": {}, "gap": {},
+               "valid_accuracy": {}, "chance": None, "passes": {}, "num_updates": {},
+               "divergence": None, "gradient_change": None, "warnings": []}
+        if name == "cssl.1" and CONTROL not in first:
+            row["against"].pop("pre-training", None)
         for measure in MEASURES:
             for set_name in sets:
                 cells = [per_seed[s][name][measure].get(set_name) for s in seeds]
@@ -136,6 +157,12 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             row["chance"] = pretraining[0].get("chance")
             row["passes"] = {str(s): r["passes"] for s, r in zip(seeds, pretraining)}
             row["num_updates"] = {str(s): r["num_updates"] for s, r in zip(seeds, pretraining)}
+            if all(r.get("divergence") for r in pretraining):
+                row["divergence"] = summarise([r["divergence"]["value"] for r in pretraining])
+            changes = [mean(r["gradient_change"].values()) for r in pretraining if r.get("gradient_change")]
+            if changes:  # mean over shards and updates, then over seeds
+                row["gradient_change"] = summarise(changes)
+            row["warnings"] = [f"seed {s}: {w}" for s, r in zip(seeds, pretraining) for w in r.get("warnings") or []]
         table[name] = row
     detectable = {}
     for measure in MEASURES:
@@ -162,7 +189,12 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             # the spread of their paired differences, not of each row, limits what can be seen.
             # The sweep's pairs stay out: a step size that breaks the model would inflate the spread.
             sds = [c["cer"][set_name]["sd"] for c in analysis["comparisons"][measure]
-                   if is_matched_pair(table, c["a"], c["b"]) and set_name in c["cer"]]
+                   if pooled_kinds_pair(table, c["a"], c["kind"]) and set_name in c["cer"]]
+            control = next((c["cer"].get(set_name) for c in analysis["comparisons"][measure]
+                            if c["kind"] == "½ budget"), None)
+            if found:
+                found["positive_control"] = control
+                found["sensitivity"] = sensitivity(control, math.nan)
             if not found or not sds:
                 continue
             pooled = math.sqrt(mean(sd ** 2 for sd in sds))
@@ -170,7 +202,7 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             reference = found["cssl1_mean"]
             found.update(paired_sd=pooled, paired_mdd=mdd, paired_mdd_relative=mdd / reference if reference else math.nan,
                          paired_seeds_for_5_percent_relative=seeds_needed(pooled, 0.05 * reference, paired=True)
-                         if reference and pooled > 0 else None)
+                         if reference and pooled > 0 else None, sensitivity=sensitivity(control, mdd))
     return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable,
             "family": settings.get("family", "wav2vec2"), **analysis}
 
@@ -201,32 +233,49 @@ def _cell(stat: dict) -> str:
     return f"{100 * stat['mean']:.1f}"
 
 
+SHORT = {"pre-training": "random init", "½ budget": "½ budget", "¼ budget": "¼ budget", "constraint": "twin",
+         "pass-matched": "pass-matched CSSL", "twin chain": "twin chain", "vs CSSL.1": "CSSL.1",
+         "vs CSSL.r": "CSSL.r"}
+PTLOC_KINDS = ("constraint", "pass-matched", "twin chain", "vs CSSL.1", "vs CSSL.r")
+"""The comparisons that say something about PTLOC: drawn only where the measure is sensitive."""
+
+
+def _pair_mdd(result: dict, measure: str, pair: dict, set_name: str) -> float:
+    """The MDD a pair's difference is judged by: the rows' pooled one against random init, the
+    pooled paired one for the pooled pairs and the positive control, the pair's own otherwise."""
+    d = pair["cer"][set_name]
+    found = result["detectable"][measure][set_name]["cer"]
+    if pair["kind"] == "pre-training":
+        return found["mdd"]
+    if pair["kind"] in ("½ budget", "¼ budget") or pooled_kinds_pair(result["checkpoints"], pair["a"], pair["kind"]):
+        return found.get("paired_mdd", math.nan)
+    return minimum_detectable_difference(d["sd"], d["seeds"], paired=True)
+
+
 def _difference_cell(result: dict, measure: str, pair: dict, set_name: str, relative: bool = True) -> str:
-    """One paired CER difference in points, * where |Δ| exceeds the minimum detectable difference
-    (the rows' pooled one against random init, the pooled paired one against a matched CSSL, the
-    pair's own otherwise), with the change relative to b and the 95 % interval."""
+    """One paired CER difference in points, * where |Δ| exceeds its MDD (_pair_mdd), with the
+    change relative to b and the 95 % interval; a PTLOC comparison on a set the measure is not
+    sensitive on is marked so and never starred."""
     d = pair["cer"].get(set_name)
     if d is None:
         return "–"
-    found = result["detectable"][measure][set_name]["cer"]
-    if pair["b"] == CONTROL:
-        mdd = found["mdd"]
-    elif is_matched_pair(result["checkpoints"], pair["a"], pair["b"]):
-        mdd = found.get("paired_mdd", math.nan)
-    else:  # the step-size sweep: its spread is its own (a step size can break a model), not the pool's
-        mdd = minimum_detectable_difference(d["sd"], d["seeds"], paired=True)
-    star = "*" if math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
+    mdd = _pair_mdd(result, measure, pair, set_name)
+    verdict = result["detectable"][measure][set_name]["cer"].get("sensitivity", UNDETERMINED)
+    judged = pair["kind"] not in PTLOC_KINDS or verdict == SENSITIVE
+    star = "*" if judged and math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
     cell = f"{100 * d['mean']:+.1f}{star}"
     if relative:
         cell += f" ({100 * d['mean'] / result['checkpoints'][pair['b']][measure][set_name]['cer']['mean']:+.0f} %)"
     if math.isfinite(d["low"]):
         cell += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    if pair["kind"] in PTLOC_KINDS and verdict == INSENSITIVE:
+        cell += " (insensitive)"
     return cell
 
 
 def _difference_lines(result: dict, measure: str, heads: List[str]) -> List[str]:
     """Rows of `a minus b` CER differences paired by seed, in points, with the relative change
-    against b and the 95 % interval; * where |Δ| exceeds the minimum detectable difference."""
+    against b and the 95 % interval; * where |Δ| exceeds its minimum detectable difference."""
     rows, sets = result["checkpoints"], result["sets"]
     lines = ["| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
     for pair in result["comparisons"][measure]:
@@ -235,54 +284,68 @@ def _difference_lines(result: dict, measure: str, heads: List[str]) -> List[str]
     return lines
 
 
+def _sensitivity_line(result: dict, measure: str, title: str) -> str:
+    cells = []
+    for s in result["sets"]:
+        found = result["detectable"][measure][s].get("cer") or {}
+        cells.append(found.get("sensitivity", UNDETERMINED) if found.get("positive_control") else "– (no ½-budget run)")
+    return f"| {title}: sensitive? (CSSL.1 beats ½ budget beyond the paired MDD) | " + " | ".join(cells) + " |"
+
+
 def _summary_lines(preset: str, result: dict, heads: List[str]) -> List[str]:
-    """The answer in one table: per measure, CSSL.1 against random init and each PTLOC.1 against its
-    compute-matched CSSL (CER points, paired over seeds), beside the paired minimum detectable
-    difference and the paper's gains in points; then the gap of each PTLOC against its matched CSSL."""
+    """The answer in one table, per measure: pre-training against none, the positive control and
+    the verdict it gives per set, every PTLOC against its twin, its pass-matched CSSL, the twin
+    chain and the paper's references, the paired MDD and the paper's gains in points; then the
+    gap of each PTLOC against its twin."""
     rows, sets = result["checkpoints"], result["sets"]
-    short = {CONTROL: "random init"}
     lines = []
     for measure, title in MEASURES.items():
-        pairs = [p for p in result["comparisons"][measure]
-                 if p["b"] == CONTROL or is_matched_pair(rows, p["a"], p["b"])]
+        pairs = result["comparisons"][measure]
         if not pairs:
             continue
         for pair in pairs:
-            name = f"{rows[pair['a']]['label']} − {short.get(pair['b'], 'matched CSSL')}"
+            if pair["kind"] == "¼ budget":
+                continue
+            name = f"{rows[pair['a']]['label']} − {SHORT[pair['kind']]}"
             lines.append(f"| {title}: {name} | " + " | ".join(_difference_cell(result, measure, pair, s, relative=False)
                                                            for s in sets) + " |")
+            if pair["kind"] == "½ budget":
+                lines.append(_sensitivity_line(result, measure, title))
         cells = []
         for s in sets:
             found = result["detectable"][measure][s].get("cer") or {}
             mdd = found.get("paired_mdd", math.nan)
             cells.append(f"{100 * mdd:.1f} ({100 * found['paired_mdd_relative']:.0f} %)" if math.isfinite(mdd) else "n/a")
-        lines.append(f"| {title}: paired MDD, PTLOC − matched CSSL | " + " | ".join(cells) + " |")
+        lines.append(f"| {title}: paired MDD (PTLOC.1 − twin and − pass-matched, smallest α/β) | "
+                     + " | ".join(cells) + " |")
         lines.append(_paper_gain_line(result, measure, prefix=f"{title}: "))
     if not lines:
         return []
     seeds = len(result["seeds"])
     lines = [f"### {preset}: summary, CER differences a − b in points (paired over {seeds} seed(s); 95 % interval; "
-             "* = beyond the minimum detectable difference, MDD; negative: a is better)", "",
+             "* = beyond the minimum detectable difference, MDD; negative: a is better; a PTLOC comparison is "
+             "judged only on the sets where the positive control shows the measure sensitive)", "",
              "| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)] + lines
-    gaps = [d for d in result.get("gap_differences") or [] if is_matched_pair(rows, d["a"], d["b"])]
+    gaps = [d for d in result.get("gap_differences") or [] if d["kind"] == "constraint"]
     if gaps:
         parts = []
         for d in gaps:
             g = d["gap"]["mean"]
             interval = f" [{g['low']:+.4f}, {g['high']:+.4f}]" if math.isfinite(g["low"]) else ""
             parts.append(f"{rows[d['a']]['label']} {g['mean']:+.4f}{interval}")
-        lines += ["", "Equilibrium gap, PTLOC − matched CSSL, mean over shards (bits; negative: nearer "
-                  "equilibrium): " + "; ".join(parts) + "."]
+        lines += ["", "Equilibrium gap, PTLOC − its twin (same learning-rate sum), mean over shards (bits; "
+                  "negative: nearer equilibrium): " + "; ".join(parts) + "."]
     return lines + [""]
 
 
 def _gap_lines(preset: str, result: dict) -> List[str]:
-    """The gap of each PTLOC run minus its matched CSSL's, and the gap against downstream CER."""
+    """The gap of each PTLOC run minus its twin's (and its pass-matched CSSL's), and the gap against
+    downstream CER."""
     rows, lines = result["checkpoints"], []
     differences = result.get("gap_differences") or []
     if differences:
         shards = list(differences[0]["gap"])
-        lines += [f"### {preset}: equilibrium gap, PTLOC minus its compute-matched CSSL (bits; paired over seeds, "
+        lines += [f"### {preset}: equilibrium gap, PTLOC minus its controls (bits; paired over seeds, "
                   "95 % interval; negative: PTLOC is nearer equilibrium)", "",
                   "| comparison | " + " | ".join(shards) + " |", "|---|" + "---|" * len(shards)]
         for d in differences:
@@ -300,25 +363,54 @@ def _gap_lines(preset: str, result: dict) -> List[str]:
     return lines + [""] if lines else []
 
 
+def _stat(stat: Optional[dict], digits: int = 3) -> str:
+    if not stat:
+        return "–"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['sd']:.{digits}f}" if stat["seeds"] > 1 else "")
+
+
 def _step_size_lines(preset: str, result: dict) -> List[str]:
-    """The inner step-size sweep: per α/β, PTLOC.1's gap and its downstream CER minus the matched CSSL's."""
+    """The inner step of PTLOC.1: per α/β, how far it took the trajectory from its twin, how much
+    it changed the outer gradient, and its validation loss, gap and downstream CER minus the twin's."""
     sweep = result.get("step_size") or []
     if not sweep:
         return []
-    rows = result["checkpoints"]
-    lines = [f"### {preset}: the inner step size of PTLOC.1 (α = ratio × β; each against the same compute-matched "
-             "CSSL, mean over seeds and sets)", "",
-             "| α/β | α | mean gap (bits) | gap − matched CSSL's | probe CER − matched (points) "
-             "| fine-tuning CER − matched (points) |", "|---|---|---|---|---|---|"]
+    lines = [f"### {preset}: the inner step of PTLOC.1 (α = ratio × β; each against the same twin, mean over "
+             "seeds and sets)", "",
+             "| α/β | α | trajectory divergence ‖θ − θ_twin‖ / ‖θ_twin − θ_start‖ | outer-gradient change "
+             "‖∇g(φ) − ∇g(θ)‖ / ‖∇g(θ)‖ | validation loss at θ − twin's (bits) | gap − twin's "
+             "| probe CER − twin (points) | fine-tuning CER − twin (points) |", "|---|---|---|---|---|---|---|---|"]
     for e in sweep:
-        diff = e.get("gap_difference")
-        cells = [f"{e['ratio']:g}", f"{e['inner_lr']:g}", f"{e['gap']:.4f}", f"{diff:+.4f}" if diff is not None else "–"]
+        cells = [f"{e['ratio']:g}", f"{e['inner_lr']:g}" if e.get("inner_lr") else "–",
+                 _stat(e["divergence"]), _stat(e["gradient_change"], 4),
+                 f"{e['loss_difference']:+.3f}" if "loss_difference" in e else "–",
+                 f"{e['gap_difference']:+.4f}" if "gap_difference" in e else "–"]
         cells += [f"{100 * e[m]['cer_difference']:+.1f}" if m in e else "–" for m in MEASURES]
         lines.append("| " + " | ".join(cells) + " |")
-    against = {e["against"] for e in sweep if e.get("against")}
-    if against:
-        lines += ["", "Matched CSSL: " + ", ".join(rows[a]["label"] for a in sorted(against)) + "."]
     return lines + [""]
+
+
+def _rounds_lines(preset: str, result: dict) -> List[str]:
+    """How far each run moved the model: its validation loss at θ beside that of the run it started from."""
+    rows = {n: r for n, r in result["checkpoints"].items() if r["gap"]}
+    if not any(r.get("round") for r in rows.values()):
+        return []
+    lines = [f"### {preset}: validation loss per run (eqssl-gap's loss at θ, mean over shards and seeds, bits)", "",
+             "| run | round | start | updates | loss at θ | its start's | moved |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        loss = mean(g["loss_before"]["mean"] for g in row["gap"].values())
+        start = rows.get(row.get("init_from") or "")
+        before = mean(g["loss_before"]["mean"] for g in start["gap"].values()) if start else math.nan
+        known = math.isfinite(before)
+        lines.append(f"| {row['label']} | {row.get('round') or '–'} | {row.get('init_from') or 'scratch'} | "
+                     f"{next(iter(row['num_updates'].values()), 0)} | {loss:.3f} | "
+                     f"{f'{before:.3f}' if known else '–'} | {f'{loss - before:+.3f}' if known else '–'} |")
+    return lines + [""]
+
+
+def _warning_lines(preset: str, result: dict) -> List[str]:
+    found = [f"- {row['label']}, {w}" for row in result["checkpoints"].values() for w in row.get("warnings") or []]
+    return [f"### {preset}: runs that look diverging", "", *found, ""] if found else []
 
 
 def _paper_gain_line(result: dict, measure: str, prefix: str = "") -> str:
@@ -397,12 +489,13 @@ def markdown(preset: str, result: dict) -> str:
                 need = d["paired_seeds_for_5_percent_relative"]
                 cells.append(f"{100 * d['paired_mdd']:.1f} ({100 * d['paired_mdd_relative']:.0f} % rel.)"
                              + (f"; {need} seeds for 5 % rel." if need else ""))
-            lines.append("| … paired, PTLOC − matched CSSL | " + " | ".join(cells) + " |")
+            lines.append("| … paired (PTLOC.1 − twin and − pass-matched) | " + " | ".join(cells) + " |")
         lines += [_paper_gain_line(result, measure), ""]
         if result["comparisons"][measure]:
             lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
-                      "* = beyond the minimum detectable difference: the pooled paired one against a matched CSSL, "
-                      "the pair's own for the step-size sweep)", ""]
+                      "* = beyond the minimum detectable difference: the pooled paired one for PTLOC.1 at the "
+                      "smallest α/β against its twin and pass-matched CSSL and for the positive control, the pair's "
+                      "own otherwise)", ""]
             lines += _difference_lines(result, measure, heads) + [""]
     gapped = {n: r for n, r in rows.items() if r["gap"]}
     shards = list(next(iter(gapped.values()))["gap"])
@@ -411,5 +504,58 @@ def markdown(preset: str, result: dict) -> str:
     for row in gapped.values():
         cells = [f"{row['gap'][s]['loss_before']['mean']:.3f} / {row['gap'][s]['gap']['mean']:+.4f}" for s in shards]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {next(iter(row['passes'].values()))} |")
-    lines += [""] + _gap_lines(preset, result) + _step_size_lines(preset, result)
+    lines += [""] + _rounds_lines(preset, result) + _gap_lines(preset, result) + _step_size_lines(preset, result)
+    lines += _warning_lines(preset, result)
+    cache = result.get("feature_cache_bytes")
+    if cache is not None:
+        lines.append(f"Probe feature cache of {preset}: {cache / 1e6:.0f} MB (each checkpoint's features are deleted "
+                     "once its probes have finished).\n")
     return "\n".join(lines) + "\n" + _cost_line(preset, result)
+
+
+PAPER_PROTOCOL = {"multi-domain": {"ptloc_length": 0.75, "ptloc_lr": 0.05, "lr_sum": 0.034},
+                  "multilingual": {"ptloc_length": 0.80, "ptloc_lr": 0.10, "lr_sum": 0.075}}
+"""The paper's proportions (../shared/METHOD.md "The protocol in proportions")."""
+
+
+def plan_table(preset: str, settings: dict) -> str:
+    """eqssl-reproduce --plan: every pre-training run of one seed with its start, length and
+    learning rates (their sum from fairseq's own schedulers), then the protocol beside the paper's."""
+    from .plan import learning_rates, plan_pretraining, rounds, round1_ratios
+
+    runs = plan_pretraining(preset, settings, round1_ratios(settings)[0])
+    sums = {r.name: sum(learning_rates(r.schedule)) for r in runs}
+    lines = [f"### {preset}: the runs of one seed ({settings['path']}; rounds >= 2 shown at α/β = "
+             f"{round1_ratios(settings)[0]:g}, the α rule picks theirs)", "",
+             "| run | round | from | recipe | updates | peak lr | α | Σ lr | Σ lr / CSSL.1's |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        alpha = r.schedule.get("inner_lr")
+        lines.append(f"| {r.name} | {r.round} | {r.init_from or 'scratch'} | {r.recipe} | {r.schedule['max_update']} | "
+                     f"{r.schedule['lr']:g} | {f'{alpha:g}' if alpha else '–'} | {sums[r.name]:.4g} | "
+                     f"{100 * sums[r.name] / sums['cssl.1']:.1f} % |")
+    kind = pretraining_kind(preset, settings)
+    paper = PAPER_PROTOCOL[kind]
+    by = {r.name: r for r in runs}
+    ptloc = by[f"ptloc.1.r{round1_ratios(settings)[0]:g}"]
+    cssl = by["cssl.1"]
+    lines += ["", f"### {preset}: the protocol in proportions ({kind}), paper vs eqssl", "",
+              "| per round | paper | eqssl |", "|---|---|---|",
+              f"| PTLOC.r length / CSSL.r length | {paper['ptloc_length']:g} | "
+              f"{ptloc.schedule['max_update']} / {cssl.schedule['max_update']} updates = "
+              f"{ptloc.schedule['max_update'] / cssl.schedule['max_update']:.2f} |",
+              f"| β / CSSL peak lr | {paper['ptloc_lr']:g} | {ptloc.schedule['lr']:g} / {cssl.schedule['lr']:g} = "
+              f"{ptloc.schedule['lr'] / cssl.schedule['lr']:.3g} |",
+              f"| α / β | 10 | {', '.join(f'{x:g}' for x in round1_ratios(settings))} (round 1; rounds >= 2: the α rule) |",
+              f"| Σ lr over PTLOC.r / over CSSL.r | {100 * paper['lr_sum']:.1f} % | "
+              f"{100 * sums[ptloc.name] / sums['cssl.1']:.1f} % |",
+              "| schedule, CSSL.r | constant, then decayed over the last 1/4 (1/5) | "
+              f"warm-up {cssl.schedule.get('warmup_updates', 0)} updates, then linear decay to 0 (the recipe's) |",
+              "| schedule, PTLOC.r | constant, then α and β decayed over the last 1/3 (1/4) | "
+              f"warm-up {ptloc.schedule['warmup_steps']}, constant {ptloc.schedule['hold_steps']}, decay "
+              f"{ptloc.schedule['decay_steps']} to {ptloc.schedule['final_lr_scale']:g} β (α follows) |",
+              f"| CSSL.r (r >= 2) length / CSSL.1's | 1 | "
+              f"{by['cssl.2'].schedule['max_update'] / cssl.schedule['max_update']:.2f} |" if "cssl.2" in by else
+              "| CSSL.r (r >= 2) length / CSSL.1's | 1 | – (one round) |",
+              f"| rounds | 3 | {rounds(preset, settings)} |", ""]
+    return "\n".join(lines)

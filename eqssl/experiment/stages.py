@@ -4,19 +4,21 @@ probe and fine-tuning, each leaving a verifiable record so that a rerun skips wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from ..checkpoints import file_sha256
 from ..corpus.presets import RECIPES
-from .fairseq_log import per_shard, read_validations, validation_stats
-from .plan import (CONTROL, CONTROL_LABEL, PACKAGE, PretrainRun, ReproduceError, finetune_sets,
-                   plan_pretraining)
+from .fairseq_log import per_shard, read_validations, trainings, validation_stats, validations
+from .plan import (CONTROL, CONTROL_LABEL, PACKAGE, PretrainRun, ReproduceError, finetune_sets, override_value,
+                   plan_pretraining, round1_ratios, rounds)
 from .statistics import mean
 
 MARKER = "eqssl_stage.json"
@@ -72,11 +74,6 @@ def run_fairseq(command: List[str], log_path: str, tag: str, max_update: Optiona
         with open(log_path) as f:
             tail = "".join(f.readlines()[-15:])
         raise ReproduceError(f"{tag} failed (exit {code}); log: {log_path}\n{tail}")
-
-
-def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
-    values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
-    return values[-1] if values else None
 
 
 def checkpoint_updates(path: str) -> tuple:
@@ -147,6 +144,8 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     record = finished(folder, source["sha256"] if source else None)
     if record is not None:
         print(f"{chain.tag} {run.name}: done, skipped ({record['num_updates']} updates)", flush=True)
+        if run.twin and (record.get("divergence") or {}).get("twin_sha256") != done[run.twin]["sha256"]:
+            record = rewrite_record(folder, record, divergence=divergence_from_twin(chain, run, done))
         return record
     os.makedirs(folder, exist_ok=True)
     start = time.time()
@@ -161,17 +160,105 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
         chance = max(last_validation_accuracy(os.path.join(folder, "train.log"), "majority").values(),
                      default=math.nan)
     gap = measure(chain, os.path.join(folder, run.checkpoint))
+    log_path = os.path.join(folder, "train.log")
+    start_loss = _last_validation_loss(os.path.join(chain.folder, run.init_from, "train.log")) if run.init_from else None
+    warnings = divergence_warnings(log_path, f"{chain.tag} {run.name}", start_loss)
+    for warning in warnings:
+        print(f"WARNING: {warning}", flush=True)
+        with open(log_path, "a") as log:
+            log.write(f"eqssl-reproduce WARNING: {warning}\n")
     record = mark_finished(
         folder, run.checkpoint, input_sha256=source["sha256"] if source else None, name=run.name, label=run.label,
-        init_from=run.init_from, matched_to=run.matched_to, compared_with=run.compared_with, num_updates=updates,
-        inner_steps=int(task_cfg["inner_steps"]), passes=passes(updates, task_cfg),
-        gap=gap, valid_accuracy=accuracy, chance=chance, seconds=round(time.time() - start, 1),
+        init_from=run.init_from, round=run.round, ratio=run.ratio, twin=run.twin, against=run.against,
+        schedule=run.schedule, num_updates=updates, inner_steps=int(task_cfg["inner_steps"]),
+        passes=passes(updates, task_cfg), gap=gap, valid_accuracy=accuracy, chance=chance,
+        gradient_change=mean_training_values(log_path, "grad_change"), warnings=warnings,
+        divergence=divergence_from_twin(chain, run, done) if run.twin else None, seconds=round(time.time() - start, 1),
     )
     lowest = min(accuracy.values()) if accuracy else math.nan
+    moved = (f", trajectory divergence from its twin {record['divergence']['value']:.3f}"
+             if record["divergence"] else "")
     print(f"{chain.tag} {run.name}: finished, {updates} updates, validation accuracy {lowest:.3f} on its lowest "
-          f"shard ({lowest / chance:.1f}x chance), mean gap {mean(g['gap'] for g in gap.values()):+.4f} bits "
-          f"({record['seconds']:.0f} s)", flush=True)
+          f"shard ({lowest / chance:.1f}x chance), mean gap {mean(g['gap'] for g in gap.values()):+.4f} bits"
+          f"{moved} ({record['seconds']:.0f} s)", flush=True)
     return record
+
+
+def rewrite_record(folder: str, record: dict, **changes) -> dict:
+    """A finished stage's record with some fields replaced (its checkpoint is unchanged)."""
+    extra = {k: v for k, v in record.items() if k not in ("checkpoint", "sha256")}
+    return mark_finished(folder, record["checkpoint"], **{**extra, **changes})
+
+
+def _model_vector(path: str):
+    """All floating-point weights of a pre-training checkpoint, as one float64 vector."""
+    import torch
+
+    from ..models.eq_wav2vec2 import load_pretraining_checkpoint
+
+    state = load_pretraining_checkpoint(path)["model"]
+    return torch.cat([t.double().flatten() for _, t in sorted(state.items()) if torch.is_floating_point(t)])
+
+
+def trajectory_divergence(run: str, twin: str, start: str) -> float:
+    """‖θ_run − θ_twin‖ / ‖θ_twin − θ_start‖ over every weight: how far the constraint took the
+    run from where the same run without it went, relative to how far that went."""
+    theta, twin_theta, start_theta = _model_vector(run), _model_vector(twin), _model_vector(start)
+    return float((theta - twin_theta).norm() / (twin_theta - start_theta).norm())
+
+
+def divergence_from_twin(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
+    """The trajectory divergence of a PTLOC run from its twin, with the twin's checkpoint hash."""
+    def path(name: str) -> str:
+        return os.path.join(chain.folder, name, done[name]["checkpoint"] if name in done else run.checkpoint)
+
+    return {"twin": run.twin, "twin_sha256": done[run.twin]["sha256"],
+            "value": trajectory_divergence(path(run.name), path(run.twin), path(run.init_from))}
+
+
+def mean_training_values(log_path: str, prefix: str) -> Dict[str, float]:
+    """Per shard, the mean of ``<prefix>_<shard>`` over every train_inner line of a log (each line
+    averages log_interval updates, so this is the mean per update)."""
+    lines = [per_shard(stats, prefix) for stats in trainings(open(log_path))]
+    shards = sorted({s for line in lines for s in line})
+    return {s: mean(line[s] for line in lines if s in line) for s in shards}
+
+
+def _last_validation_loss(log_path: str) -> Optional[float]:
+    found = read_validations(log_path) if os.path.exists(log_path) else []
+    return found[-1].get("loss") if found else None
+
+
+DIVERGENCE_MARGIN_BITS = 0.5
+"""A run whose validation loss rises this far above its start's is reported as diverging."""
+DIVERGENCE_STRETCH = 3
+"""... as is one whose inner steps raise the loss on most shards in this many training lines in a row."""
+
+
+def divergence_warnings(log_path: str, run: str, start_loss: Optional[float]) -> List[str]:
+    """Why a run looks as if it is diverging, each naming the run and the update: its inner steps
+    raising the loss (loss_after > loss_before) on most shards for DIVERGENCE_STRETCH training
+    lines in a row, or its validation loss rising DIVERGENCE_MARGIN_BITS above its start's."""
+    found: List[str] = []
+    with open(log_path) as f:
+        lines = f.readlines()
+    stretch = 0
+    for stats in trainings(lines):
+        before, after = per_shard(stats, "loss_before"), per_shard(stats, "loss_after")
+        worse = [s for s in before if s in after and after[s] > before[s]]
+        stretch = stretch + 1 if before and len(worse) > len(before) / 2 else 0
+        if stretch == DIVERGENCE_STRETCH:
+            found.append(f"{run}: the inner step raised the loss on most shards ({', '.join(worse)}) in "
+                         f"{stretch} training log lines in a row, up to update {stats.get('num_updates', math.nan):.0f}: "
+                         "alpha is too large for this model")
+            break
+    if start_loss is not None:
+        for stats in validations(lines):
+            if stats.get("loss", -math.inf) > start_loss + DIVERGENCE_MARGIN_BITS:
+                found.append(f"{run}: validation loss {stats['loss']:.3f} at update {stats.get('num_updates', math.nan):.0f} "
+                             f"is {stats['loss'] - start_loss:.2f} bits above its start's ({start_loss:.3f})")
+                break
+    return found
 
 
 def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
@@ -188,13 +275,13 @@ def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
         save_random_init(os.path.join(chain.folder, "cssl.1", done["cssl.1"]["checkpoint"]), path, chain.seed)
     gap = measure(chain, path)
     return mark_finished(folder, "random_init.pt", name=CONTROL, label=CONTROL_LABEL, init_from=None,
-                         matched_to=None, num_updates=0, inner_steps=0, passes=0, gap=gap,
+                         round=1, num_updates=0, inner_steps=0, passes=0, gap=gap,
                          valid_accuracy={}, chance=math.nan, seconds=0.0)
 
 
 def measure(chain: Chain, checkpoint: str) -> Dict[str, dict]:
     """eqssl-gap of one checkpoint on the validation batches of every pre-training shard."""
-    from .gap import measure_gap
+    from ..cli.gap import measure_gap
     from ..tasks.equilibrium_pretraining import discover_shards
 
     gap = chain.settings["gap"]
@@ -215,7 +302,7 @@ def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, ove
 
 def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
     """Stage: CTC fine-tuning of one pre-trained checkpoint on one set, then its test WER / CER."""
-    from .evaluate import evaluate
+    from ..cli.evaluate import evaluate
 
     folder = os.path.join(chain.folder, "finetune", name, set_name)
     record = finished(folder, pretrained_sha256)
@@ -240,9 +327,9 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
 
 
 def probe_config(chain: Chain):
-    from .probe import ProbeConfig
+    from ..cli.probe import ProbeConfig
 
-    fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k != "fbank"}
+    fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k not in ("fbank", "keep_features")}
     return ProbeConfig(seed=chain.seed, **fields)
 
 
@@ -251,7 +338,7 @@ def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str],
     ``upstream``: an eqssl.cli.probe.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
     import torch
 
-    from .probe import probe
+    from ..cli.probe import probe
 
     folder = os.path.join(chain.folder, "probe", name, set_name)
     record = finished(folder, upstream_sha256)
@@ -271,39 +358,143 @@ def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str],
     return record
 
 
-def run_chain(chain: Chain) -> dict:
-    """All stages of one (preset, seed): pre-training runs with their gaps, then fine-tuning."""
+class Progress:
+    """Where a chain stands: stages done of its total, time elapsed, and the time left estimated
+    from the stages that ran in this sitting (skipped ones cost nothing)."""
+
+    def __init__(self, chain: Chain, total: int) -> None:
+        self.chain, self.total, self.done, self.ran = chain, total, 0, []
+        self.start = self.last = time.time()
+
+    def step(self) -> None:
+        now = time.time()
+        if now - self.last > 1.0:
+            self.ran.append(now - self.last)
+        self.done, self.last = self.done + 1, now
+        left = (self.total - self.done) * mean(self.ran) if self.ran else math.nan
+        estimate = f", about {duration(left)} left" if math.isfinite(left) else ""
+        print(f"{self.chain.tag} progress: {self.done}/{self.total} stages, {duration(now - self.start)} "
+              f"elapsed{estimate}", flush=True)
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 40 s, 12 min, 3.5 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _quiet(chain: Chain) -> None:
     import logging
     import warnings
 
     import torch
 
-    from .probe import FBANK, Upstream
-
     torch.set_num_threads(chain.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # in-process gap and evaluation: progress lines only
     warnings.filterwarnings("ignore")
+
+
+@contextlib.contextmanager
+def stage(chain: Chain, name: str, folder: str) -> Iterator[None]:
+    """Any error inside one stage becomes a ReproduceError naming the chain, the stage and its log."""
+    try:
+        yield
+    except ReproduceError:
+        raise
+    except Exception as error:
+        log = os.path.join(folder, "train.log")
+        where = f"log: {log}" if os.path.isfile(log) else f"folder: {folder}"
+        raise ReproduceError(f"{chain.tag} {name} failed ({where})\n{type(error).__name__}: {error}") from error
+
+
+CHAIN_RATIO = "chain_ratio.json"
+"""OUT/PRESET/chain_ratio.json: the α/β the rule chose for rounds >= 2, with its evidence."""
+
+
+def chain_ratio(chain: Chain) -> Optional[float]:
+    """The α/β of rounds >= 2: the only ratio, or the one recorded under OUT/PRESET (None: not chosen yet)."""
+    ratios = round1_ratios(chain.settings)
+    if len(ratios) == 1:
+        return ratios[0]
+    path = os.path.join(chain.out, chain.preset, CHAIN_RATIO)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return float(json.load(f)["ratio"])
+
+
+def needs_chain_ratio(preset: str, settings: dict) -> bool:
+    return rounds(preset, settings) > 1 and len(round1_ratios(settings)) > 1
+
+
+def pretrain_round1(chain: Chain) -> Dict[str, dict]:
+    """Stage group: every round-1 pre-training run of the chain (and the no-pre-training control)."""
+    _quiet(chain)
     done: Dict[str, dict] = {}
     for run in plan_pretraining(chain.preset, chain.settings):
-        done[run.name] = pretrain(chain, run, done)
-        if run.name == "cssl.1" and chain.settings.get("control"):
-            done[CONTROL] = random_init(chain, done)
+        if run.round == 1:
+            with stage(chain, run.name, os.path.join(chain.folder, run.name)):
+                done[run.name] = pretrain(chain, run, done)
+            if run.name == "cssl.1" and chain.settings.get("control"):
+                with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)):
+                    done[CONTROL] = random_init(chain, done)
+    return done
+
+
+def run_chain(chain: Chain) -> dict:
+    """All stages of one (preset, seed): pre-training runs with their gaps, then the probe and
+    fine-tuning of every checkpoint. Rounds >= 2 need the chain's α/β chosen (CHAIN_RATIO)."""
+    from ..cli.probe import FBANK, Upstream
+
+    _quiet(chain)
+    ratio = chain_ratio(chain)
+    if ratio is None and needs_chain_ratio(chain.preset, chain.settings):
+        raise ReproduceError(f"{chain.tag}: rounds >= 2 need {CHAIN_RATIO}, which is chosen once every seed's "
+                             "round 1 has finished")
+    plan = plan_pretraining(chain.preset, chain.settings, ratio)
     sets = finetune_sets(chain.preset, chain.settings)
+    rows = len(plan) + bool(chain.settings.get("control"))
+    tuned = len(finetuned({n: None for n in [r.name for r in plan] + [CONTROL]}, chain.settings))
+    probed = (rows + fbank_probed(chain.settings)) * len(sets) if chain.settings.get("probe") else 0
+    progress = Progress(chain, rows + probed + tuned * len(sets))
+    done: Dict[str, dict] = {}
+    for run in plan:
+        with stage(chain, run.name, os.path.join(chain.folder, run.name)):
+            done[run.name] = pretrain(chain, run, done)
+        progress.step()
+        if run.name == "cssl.1" and chain.settings.get("control"):
+            with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)):
+                done[CONTROL] = random_init(chain, done)
+            progress.step()
     results = {}
+    cache = os.path.join(chain.out, chain.preset, "features")
     if fbank_probed(chain.settings):
         fbank = Upstream(FBANK)
-        results["fbank"] = {"pretraining": None, "finetune": {},
-                            "probe": {s: run_probe(chain, "fbank", fbank, None, s) for s in sets}}
+        results["fbank"] = {"pretraining": None, "finetune": {}, "probe": {}}
+        for s in sets:
+            with stage(chain, f"probe fbank/{s}", os.path.join(chain.folder, "probe", "fbank", s)):
+                results["fbank"]["probe"][s] = run_probe(chain, "fbank", fbank, None, s)
+            progress.step()
     for name, record in done.items():
         pretrained = os.path.join(chain.folder, name, record["checkpoint"])
         results[name] = {"pretraining": record, "probe": {}, "finetune": {}}
         if chain.settings.get("probe"):
             upstream = Upstream(pretrained)
-            results[name]["probe"] = {s: run_probe(chain, name, upstream, record["sha256"], s) for s in sets}
+            for s in sets:
+                with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)):
+                    results[name]["probe"][s] = run_probe(chain, name, upstream, record["sha256"], s)
+                progress.step()
+            if not chain.settings["probe"].get("keep_features", False):
+                # Its features serve only its own probes, which have all finished: the cache stays bounded.
+                shutil.rmtree(os.path.join(cache, record["sha256"]), ignore_errors=True)
     for name, record in finetuned(done, chain.settings).items():  # last: the probes rank the checkpoints sooner
         pretrained = os.path.join(chain.folder, name, record["checkpoint"])
-        results[name]["finetune"] = {s: finetune(chain, name, pretrained, record["sha256"], s) for s in sets}
+        for s in sets:
+            with stage(chain, f"finetune {name}/{s}", os.path.join(chain.folder, "finetune", name, s)):
+                results[name]["finetune"][s] = finetune(chain, name, pretrained, record["sha256"], s)
+            progress.step()
     return results
 
 
@@ -321,7 +512,10 @@ def collect_chain(chain: Chain) -> Optional[dict]:
     """run_chain's results from the stage records if every stage of the chain finished and
     verifies, else None; runs and changes nothing."""
     done: Dict[str, dict] = {}
-    for run in plan_pretraining(chain.preset, chain.settings):
+    ratio = chain_ratio(chain)
+    if ratio is None and needs_chain_ratio(chain.preset, chain.settings):
+        return None
+    for run in plan_pretraining(chain.preset, chain.settings, ratio):
         source = done[run.init_from] if run.init_from else None
         record = finished(os.path.join(chain.folder, run.name), source["sha256"] if source else None, False)
         if record is None:
