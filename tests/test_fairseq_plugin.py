@@ -62,7 +62,7 @@ def test_fairseq_hydra_train_cssl_then_ptloc_from_it(corpus, hydra_cssl, tmp_pat
     assert_per_shard_logs(cssl_output, inner_steps=0)
     ptloc = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/pretrain", "--config-name",
                  "ptloc_tiny", f"task.data={corpus}", f"checkpoint.save_dir={tmp_path / 'ptloc'}",
-                 f"model.init_from={cssl_dir / 'checkpoint_best.pt'}", "optimization.max_update=3",
+                 f"model.init_from={cssl_dir / 'checkpoint_best.pt'}", "optimization.max_update=4",
                  "common.log_interval=1"])
     assert ptloc.returncode == 0, ptloc.stdout[-3000:]
     assert f"initialised from {cssl_dir / 'checkpoint_best.pt'}" in ptloc.stdout
@@ -207,7 +207,7 @@ def test_continue_from_a_stock_fairseq_wav2vec2_checkpoint(corpus, tmp_path):
     init = tmp_path / "stock" / "checkpoint_last.pt"
     result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/pretrain", "--config-name",
                   "ptloc_tiny", f"task.data={corpus}", f"checkpoint.save_dir={tmp_path / 'ptloc'}",
-                  f"model.init_from={init}", "optimization.max_update=2", "common.log_interval=1"])
+                  f"model.init_from={init}", "optimization.max_update=4", "common.log_interval=1"])
     assert result.returncode == 0, result.stdout[-3000:]
     assert f"initialised from {init} (wav2vec2, 2 updates)" in result.stdout
     assert_per_shard_logs(result.stdout, inner_steps=1)
