@@ -121,6 +121,8 @@ def test_results_file_has_every_cell(experiment):
     assert steps[0]["gradient_change"]["mean"] < steps[1]["gradient_change"]["mean"]  # a larger step moves it more
     assert "| 100 | 0.005 |" in table  # beta = 0.1 x the tiny recipe's 5e-4 (multilingual proportions)
     assert "validation loss per run" in table and "Probe feature cache of multilingual:" in table
+    # Each checkpoint's probe features are deleted once its probes have finished: only FBANK's stay.
+    assert [p.name for p in (out / "multilingual" / "features").iterdir()] == ["fbank"]
     seconds = result["seconds"]
     assert seconds["pretraining"] == pytest.approx(sum(found[n]["seconds"] for n in PRETRAINING + ["none"]))
     assert "Compute of multilingual (1 seed(s))" in table
@@ -359,7 +361,7 @@ def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
     assert nothing.returncode != 0 and "no finished seed for multilingual" in nothing.stdout
 
 
-@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2"])
+@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.3"])
 def test_small_settings_compose(name):
     """The `small` experiment's runs compose with its recipes; every run continued from another
     keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
@@ -367,7 +369,7 @@ def test_small_settings_compose(name):
     from eqssl.experiment.stages import pretrain_command
 
     settings = load_settings("small")
-    preset = "multidomain" if name == "cssl.2" else "multilingual"  # three rounds on multidomain only
+    preset = "multidomain" if name in ("cssl.2", "ptloc.3") else "multilingual"  # three rounds on multidomain only
     run_ = {r.name: r for r in plan_pretraining(preset, settings, 100.0)}[name]
     command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
     result = run([*command, "--cfg", "job"])
