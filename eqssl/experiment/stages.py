@@ -359,20 +359,28 @@ def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str],
 
 
 class Progress:
-    """Where a chain stands: stages done of its total, time elapsed, and the time left estimated
-    from the stages that ran in this sitting (skipped ones cost nothing)."""
+    """Where a chain stands: stages done of its total, time elapsed, and the time left, estimated
+    per kind of stage from the ones that ran in this sitting (pre-training per update, probes and
+    fine-tuning per run; skipped stages cost nothing and are not counted)."""
 
-    def __init__(self, chain: Chain, total: int) -> None:
-        self.chain, self.total, self.done, self.ran = chain, total, 0, []
+    def __init__(self, chain: Chain, work: Dict[str, float], stages: int) -> None:
+        self.chain, self.left, self.total, self.done = chain, dict(work), stages, 0
+        self.spent: Dict[str, List[float]] = {kind: [0.0, 0.0] for kind in work}  # seconds, work
         self.start = self.last = time.time()
 
-    def step(self) -> None:
+    def step(self, kind: str, work: float = 1.0) -> None:
         now = time.time()
-        if now - self.last > 1.0:
-            self.ran.append(now - self.last)
+        if now - self.last > 1.0:  # ran, not skipped
+            self.spent[kind][0] += now - self.last
+            self.spent[kind][1] += work
+        self.left[kind] -= work
         self.done, self.last = self.done + 1, now
-        left = (self.total - self.done) * mean(self.ran) if self.ran else math.nan
-        estimate = f", about {duration(left)} left" if math.isfinite(left) else ""
+        known = [k for k, (seconds, done) in self.spent.items() if done]
+        left = sum(self.left[k] * self.spent[k][0] / self.spent[k][1] for k in known)
+        untimed = [k for k in self.left if self.left[k] > 0 and k not in known]
+        estimate = f", about {duration(left)} left" if known else ""
+        if known and untimed:
+            estimate += f" and the {', '.join(untimed)} stages, not yet timed"
         print(f"{self.chain.tag} progress: {self.done}/{self.total} stages, {duration(now - self.start)} "
               f"elapsed{estimate}", flush=True)
 
@@ -458,16 +466,19 @@ def run_chain(chain: Chain) -> dict:
     rows = len(plan) + bool(chain.settings.get("control"))
     tuned = len(finetuned({n: None for n in [r.name for r in plan] + [CONTROL]}, chain.settings))
     probed = (rows + fbank_probed(chain.settings)) * len(sets) if chain.settings.get("probe") else 0
-    progress = Progress(chain, rows + probed + tuned * len(sets))
+    updates = {r.name: float(r.schedule.get("max_update", 0)) for r in plan}
+    progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(bool(chain.settings.get("control"))),
+                                "probe": float(probed), "fine-tuning": float(tuned * len(sets))},
+                        rows + probed + tuned * len(sets))
     done: Dict[str, dict] = {}
     for run in plan:
         with stage(chain, run.name, os.path.join(chain.folder, run.name)):
             done[run.name] = pretrain(chain, run, done)
-        progress.step()
+        progress.step("pre-training", updates[run.name])
         if run.name == "cssl.1" and chain.settings.get("control"):
             with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)):
                 done[CONTROL] = random_init(chain, done)
-            progress.step()
+            progress.step("control")
     results = {}
     cache = os.path.join(chain.out, chain.preset, "features")
     if fbank_probed(chain.settings):
@@ -476,7 +487,7 @@ def run_chain(chain: Chain) -> dict:
         for s in sets:
             with stage(chain, f"probe fbank/{s}", os.path.join(chain.folder, "probe", "fbank", s)):
                 results["fbank"]["probe"][s] = run_probe(chain, "fbank", fbank, None, s)
-            progress.step()
+            progress.step("probe")
     for name, record in done.items():
         pretrained = os.path.join(chain.folder, name, record["checkpoint"])
         results[name] = {"pretraining": record, "probe": {}, "finetune": {}}
@@ -485,7 +496,7 @@ def run_chain(chain: Chain) -> dict:
             for s in sets:
                 with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)):
                     results[name]["probe"][s] = run_probe(chain, name, upstream, record["sha256"], s)
-                progress.step()
+                progress.step("probe")
             if not chain.settings["probe"].get("keep_features", False):
                 # Its features serve only its own probes, which have all finished: the cache stays bounded.
                 shutil.rmtree(os.path.join(cache, record["sha256"]), ignore_errors=True)
@@ -494,7 +505,7 @@ def run_chain(chain: Chain) -> dict:
         for s in sets:
             with stage(chain, f"finetune {name}/{s}", os.path.join(chain.folder, "finetune", name, s)):
                 results[name]["finetune"][s] = finetune(chain, name, pretrained, record["sha256"], s)
-            progress.step()
+            progress.step("fine-tuning")
     return results
 
 
