@@ -47,13 +47,9 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from scipy import stats  # noqa: E402
 
-try:  # eqssl.experiment: the experiment's code split out of eqssl.cli.reproduce
-    from eqssl.experiment.plan import ReproduceError, finetune_sets, load_settings, plan_pretraining  # noqa: E402
-    from eqssl.experiment.stages import (finetune_command, new_path, override_value,  # noqa: E402
-                                         pretrain_command, run_fairseq)
-except ImportError:
-    from eqssl.cli.reproduce import (ReproduceError, finetune_command, finetune_sets, load_settings,  # noqa: E402
-                                     new_path, override_value, plan_pretraining, pretrain_command, run_fairseq)
+from eqssl.experiment.plan import (ReproduceError, finetune_sets, load_settings, override_value,  # noqa: E402
+                                   plan_pretraining)
+from eqssl.experiment.stages import finetune_command, new_path, pretrain_command, run_fairseq  # noqa: E402
 
 INITS = {"cssl.1": "CSSL.1", "none": "random init"}
 """The two upstreams fine-tuned: folder name -> label."""
