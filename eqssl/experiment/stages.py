@@ -219,7 +219,8 @@ def divergence_from_twin(chain: Chain, run: PretrainRun, done: Dict[str, dict]) 
 def mean_training_values(log_path: str, prefix: str) -> Dict[str, float]:
     """Per shard, the mean of ``<prefix>_<shard>`` over every train_inner line of a log (each line
     averages log_interval updates, so this is the mean per update)."""
-    lines = [per_shard(stats, prefix) for stats in trainings(open(log_path))]
+    with open(log_path) as f:
+        lines = [per_shard(stats, prefix) for stats in trainings(f)]
     shards = sorted({s for line in lines for s in line})
     return {s: mean(line[s] for line in lines if s in line) for s in shards}
 
