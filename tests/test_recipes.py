@@ -28,14 +28,21 @@ def unlisted(recipe: Path) -> list:
     return UNLISTED["pretrain"] + UNLISTED["bestrq" if "bestrq" in recipe.stem else "wav2vec2"]
 
 
+# What hydra says of recipes written for hydra 1.0 (`# @package _group_` headers) and of fairseq's
+# matching of a recipe to its schema by name: neither is the user's to act on.
+HYDRA_NOTICES = ("Usage of deprecated keyword in package header", "is validated against ConfigStore schema")
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_recipe_composes_from_any_folder(recipe, tmp_path):
-    """Each recipe composes in fairseq-hydra-train from a folder that is not the repository
+    """Each recipe composes in fairseq-hydra-train, named as the design card names it
+    (--config-dir recipes --config-name GROUP/RECIPE), from a folder that is not the repository
     (--cfg job --resolve prints the config, runs nothing): common.user_dir resolves to the
-    installed package, and task, criterion, model, optimizer and lr_scheduler fields the recipe
-    does not list are overridden as plain task.X= / criterion.X= / model.X= / ..."""
+    installed package, task, criterion, model, optimizer and lr_scheduler fields the recipe does
+    not list are overridden as plain task.X= / criterion.X= / model.X= / ..., and hydra prints
+    no deprecation notice."""
     group = recipe.parent.name
-    command = ["fairseq-hydra-train", "--config-dir", recipe.parent, "--config-name", recipe.stem,
+    command = ["fairseq-hydra-train", "--config-dir", REPO / "recipes", "--config-name", f"{group}/{recipe.stem}",
                "task.data=/data", *unlisted(recipe), "--cfg", "job", "--resolve"]
     if "ptloc" in recipe.stem:
         command.insert(-3, "model.init_from=/pretrained.pt")
@@ -49,6 +56,36 @@ def test_every_recipe_composes_from_any_folder(recipe, tmp_path):
     for override in unlisted(recipe):
         key, value = override.split(".", 1)[1].split("=")
         assert re.search(rf"^  {key}: {re.escape(value)}$", result.stdout, re.M), (override, result.stdout[-3000:])
+    for notice in HYDRA_NOTICES:
+        assert notice not in result.stdout
+
+
+def composed(config_dir: Path, config_name: str, overrides: list) -> str:
+    """The config fairseq-hydra-train composes (its --cfg job), composed in this process as it
+    does: fairseq's schema stored under the recipe's name, then hydra 1.1's composition."""
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    hydra_init(config_name)
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.1", job_name="recipes"):
+        return OmegaConf.to_yaml(compose(config_name=config_name, overrides=overrides))
+
+
+def test_both_recipe_forms_compose_the_same_config():
+    """--config-dir recipes/GROUP --config-name RECIPE (fairseq's examples' form) and
+    --config-dir recipes --config-name GROUP/RECIPE give every recipe the same config, with
+    fairseq's defaults in it (common, dataset, ...) and eqssl's model fields typed."""
+    for recipe in RECIPES:
+        group = recipe.parent.name
+        overrides = ["task.data=/data", *(["model.quantizer_seed=7"] if "bestrq" in recipe.stem and group == "pretrain"
+                                          else [])]
+        in_group = composed(recipe.parent, recipe.stem, overrides)
+        named_with_group = composed(REPO / "recipes", f"{group}/{recipe.stem}", overrides)
+        assert named_with_group == in_group, recipe
+        assert re.search(r"^common:\n  _name: null\n", in_group, re.M) and "\n  tpu: false\n" in in_group, recipe
+        if "quantizer_seed=7" in " ".join(overrides):
+            assert "\n  quantizer_seed: 7\n" in in_group
 
 
 def test_a_misspelt_field_names_itself(tmp_path):
@@ -62,11 +99,11 @@ def test_a_misspelt_field_names_itself(tmp_path):
 
 @pytest.fixture(scope="module")
 def recipe_run(corpus, tmp_path_factory) -> dict:
-    """cssl_tiny run for 4 updates from a folder outside the repository, with one field the
-    recipe does not list (task.validation_gap_steps, so that validation logs gaps) and
-    TensorBoard logs."""
+    """cssl_tiny run for 4 updates from a folder outside the repository, in the design card's form
+    (the experiment's runs use --config-dir recipes/pretrain), with one field the recipe does
+    not list (task.validation_gap_steps, so that validation logs gaps) and TensorBoard logs."""
     folder = tmp_path_factory.mktemp("elsewhere")
-    result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes/pretrain", "--config-name", "cssl_tiny",
+    result = run(["fairseq-hydra-train", "--config-dir", REPO / "recipes", "--config-name", "pretrain/cssl_tiny",
                   f"task.data={corpus}", "checkpoint.save_dir=ck", "common.tensorboard_logdir=tb",
                   "task.validation_gap_steps=1", "optimization.max_update=4", "dataset.validate_interval_updates=2",
                   "common.log_interval=1"], cwd=folder)
