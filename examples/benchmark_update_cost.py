@@ -3,12 +3,15 @@
     python examples/benchmark_update_cost.py --arch eq_wav2vec2_tiny --shards 2 4 8 --inner-steps 0 1 3
     python examples/benchmark_update_cost.py --arch eq_wav2vec2_base --shards 2 --inner-steps 1 --profile 1
     python examples/benchmark_update_cost.py --arch eq_bestrq_tiny     (BEST-RQ: its criterion is chosen by the arch)
+    python examples/benchmark_update_cost.py --arch eq_bestrq_base --shards 3 --inner-steps 1 --precision bf16
 
 Each (M shards, K) runs in a fresh process (so peak memory is its own) on a generated corpus
 of M shards, does ``--warmup`` updates, then times ``--updates`` updates on the same batch.
 Printed per row: median seconds per update, its ratio to the ideal (K+1) x the CSSL (K=0)
 update with the same shards, and peak memory (process RSS on CPU, torch.cuda.max_memory_allocated
-on GPU) with its difference to CSSL in copies of the trainable parameters.
+on GPU) with its difference to CSSL in copies of the trainable parameters. ``--precision fp16``
+or ``bf16`` sets fairseq's ``common.fp16`` / ``common.bf16`` as fairseq-hydra-train does (fairseq-train's
+``--bf16`` would imply ``--tpu``): fp16 goes through fairseq's dynamic loss scaler.
 
 ``--profile N`` instead profiles N updates of one (M, K) with torch.profiler and prints where the
 time goes: the equilibrium update's own work (labelled ``eqssl.*`` in eqssl/bilevel.py) against
@@ -25,6 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+
+PRECISIONS = {"fp32": {}, "fp16": {"fp16": True}, "bf16": {"bf16": True}}
+"""--precision -> fairseq ``common.*`` settings."""
 
 
 def make_shards(workdir: str, shards: int) -> str:
@@ -50,6 +57,7 @@ def build_trainer(args):
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.trainer import Trainer
+    from omegaconf import open_dict
 
     import eqssl
 
@@ -67,6 +75,8 @@ def build_trainer(args):
         "--shard-batch-size", "equal", *args.fairseq_args,
     ]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    with open_dict(cfg):
+        cfg.common.update(PRECISIONS[args.precision])
     task = tasks.setup_task(cfg.task)
     task.load_dataset("train")
     model = task.build_model(cfg.model)
@@ -99,6 +109,7 @@ def measure(args) -> dict:
         "params": trainable, "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()
                                              if p.requires_grad) / 2**20,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "threads": torch.get_num_threads(),
+        "precision": args.precision,
         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -134,10 +145,12 @@ def profile(args) -> None:
 def run_one(args, m: int, k: int) -> dict:
     command = [sys.executable, __file__, "--arch", args.arch, "--max-tokens", str(args.max_tokens),
                "--updates", str(args.updates), "--warmup", str(args.warmup), "--workdir", args.workdir,
-               "--m", str(m), "--k", str(k)]
+               "--precision", args.precision, "--m", str(m), "--k", str(k)]
     command += [f"--fairseq-args={a}" for a in args.fairseq_args]
-    out = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:  # the row's own error, not only its exit status
+        raise SystemExit(f"M={m}, K={k} failed (exit {done.returncode}):\n" + "\n".join(done.stderr.splitlines()[-25:]))
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def main() -> None:
@@ -149,6 +162,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="fp32, or fairseq's fp16 (with its loss scaler) or bf16")
     parser.add_argument("--profile", type=int, default=0, help="profile this many updates of the first M and K")
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--fairseq-args", action="append", default=[], help="extra fairseq-train flag (repeatable)")
@@ -167,7 +182,7 @@ def main() -> None:
     rows = {(m, k): run_one(args, m, k) for m in args.shards for k in ks}
     first = next(iter(rows.values()))
     print(f"{args.arch}: {first['params']:,} trainable parameters ({first['param_mb']:.1f} MB), max_tokens "
-          f"{args.max_tokens} per shard, device {first['device']}, {first['threads']} threads, median of "
+          f"{args.max_tokens} per shard, device {first['device']}, {first['threads']} threads, {args.precision}, median of "
           f"{args.updates} updates after {args.warmup} warm-up, each row a fresh process")
     print("| M | K | s / update | ideal (K+1) x CSSL | vs ideal | peak memory (MB) | over CSSL (MB) | in parameter copies |")
     print("|---|---|---|---|---|---|---|---|")
