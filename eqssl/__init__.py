@@ -7,8 +7,15 @@
 
 __version__ = "0.1.0"
 
+import warnings
+
 try:
-    import fairseq  # noqa: F401
+    with warnings.catch_warnings():
+        # fairseq decorates functions with torch.jit.script as it is imported, which torch
+        # deprecates: a notice for fairseq, not for whoever runs an eqssl command.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        import fairseq  # noqa: F401
+        import fairseq.models  # noqa: F401  (where those decorators are)
 except ImportError:  # eqssl.bilevel alone works without fairseq
     pass
 else:

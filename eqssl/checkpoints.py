@@ -55,6 +55,19 @@ def check_checkpoint(path: str) -> None:
         raise CheckpointError(f"{path}: corrupt checkpoint: record {bad} fails its CRC-32 check")
 
 
+def load_failure(path: str, error: Exception) -> str:
+    """Why ``path`` could not be loaded, in one line: the file check's own finding if it fails,
+    else the first sentence of the loader's error (torch's run to a page of advice)."""
+    try:
+        check_checkpoint(path)
+    except CheckpointError as found:
+        return str(found).removeprefix(f"{path}: ")
+    except OSError as found:
+        return found.strerror or str(found)
+    first = (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return f"not a readable checkpoint: {type(error).__name__}: {first}"
+
+
 def readable(path: str) -> bool:
     try:
         check_checkpoint(path)

@@ -238,7 +238,7 @@ def test_pretraining_checkpoint_is_refused(checkpoints, labelled, tmp_path, caps
     garbage = tmp_path / "notes.pt"
     garbage.write_text("not a checkpoint\n")
     status, out, err = evaluate_in_process(capsys, garbage, f"sv={labelled / 'sv'}:test")
-    assert status == 2 and f"{garbage}: not a readable fairseq checkpoint" in err
+    assert status == 2 and f"checkpoint {garbage}: not a PyTorch checkpoint" in err
 
 
 def test_existing_outputs_are_never_overwritten(checkpoints, labelled, tmp_path, capsys):

@@ -228,6 +228,20 @@ def test_validation_logs_the_gap_of_every_shard_in_every_run(experiment):
             assert f"gap_{shard}" in valid[-1] and f"loss_after_{shard}" in valid[-1], (name, valid[-1])
 
 
+def test_the_logs_hold_no_notice_meant_for_fairseq(experiment):
+    """The experiment's own output holds no torch.jit notice (fairseq's import) and no hydra
+    notice; nor does any fairseq run it started, pre-training or fine-tuning."""
+    out, _, printed = experiment
+    notices = ("`torch.jit.script` is deprecated", "version_base parameter is not specified",
+               "Usage of deprecated keyword in package header", "is validated against ConfigStore schema")
+    logs = sorted((out / "multilingual" / "seed1").glob("**/train.log"))
+    assert len(logs) > len(PRETRAINING)  # pre-training and fine-tuning runs
+    for name, text in [("output", printed)] + [(str(log), log.read_text()) for log in logs]:
+        for notice in notices:
+            assert notice not in text, (name, notice)
+    assert "fairseq_cli.train" in logs[0].read_text()  # fairseq's own log lines are still there
+
+
 def test_every_run_writes_tensorboard_logs(experiment):
     """Each pre-training run's per-shard validation gaps, and each fine-tuning run's CER, land in
     a tensorboard/ folder inside its run folder."""

@@ -139,11 +139,13 @@ def load_checkpoint(path: str, device: str = "cpu"):
     from fairseq import checkpoint_utils
 
     if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: checkpoint not found")
+        raise EvaluationError(f"checkpoint {path}: no such file")
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except Exception as error:  # a truncated file, a text file, another framework's pickle, ...
-        raise EvaluationError(f"{path}: not a readable fairseq checkpoint ({error})") from error
+        from ..checkpoints import load_failure
+
+        raise EvaluationError(f"checkpoint {path}: {load_failure(path, error)}") from None
     cfg = state.get("cfg")
     if cfg is None and state.get("args") is not None:
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -152,15 +154,15 @@ def load_checkpoint(path: str, device: str = "cpu"):
     task_name = cfg.task.get("_name", None) if cfg is not None and cfg.get("task") else None
     if model_name != "wav2vec_ctc" or task_name != "audio_finetuning":
         raise EvaluationError(
-            f"{path}: not a fine-tuned CTC checkpoint (model {model_name!r}, task {task_name!r}; "
+            f"checkpoint {path}: not a fine-tuned CTC checkpoint (model {model_name!r}, task {task_name!r}; "
             "expected model 'wav2vec_ctc', task 'audio_finetuning'). A pre-training checkpoint "
             "must be fine-tuned first (recipes/finetune/ctc_tiny.yaml).")
     if "target_dictionary" not in (state.get("task_state") or {}):
-        raise EvaluationError(f"{path}: the checkpoint carries no target dictionary (task_state)")
+        raise EvaluationError(f"checkpoint {path}: the checkpoint carries no target dictionary (task_state)")
     try:
         models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     except Exception as error:
-        raise EvaluationError(f"{path}: fairseq could not build the model ({error})") from error
+        raise EvaluationError(f"checkpoint {path}: fairseq could not build the model ({error})") from error
     model = models[0].eval().to(device)
     return model, task
 

@@ -140,17 +140,19 @@ def checkpoint_kind(state: Any, path: str) -> str:
 def load_input(path: str) -> dict:
     """Load a checkpoint on CPU through fairseq (after ``import eqssl``), naming ``path`` on failure."""
     if not os.path.isfile(path):
-        raise ExportError(f"{path}: no such file")
+        raise ExportError(f"input {path}: no such file")
     import eqssl  # noqa: F401  (registers the safe globals fairseq checkpoints need)
     from fairseq.checkpoint_utils import load_checkpoint_to_cpu
 
     try:
         state = load_checkpoint_to_cpu(path)
     except Exception as error:
+        from ..checkpoints import load_failure
+
         raise ExportError(
-            f"{path}: not a readable fairseq checkpoint: {type(error).__name__}: {error}"
+            f"input {path}: {load_failure(path, error)}"
         ) from None
-    checkpoint_kind(state, path)
+    checkpoint_kind(state, f"input {path}")
     return state
 
 

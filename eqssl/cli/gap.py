@@ -21,11 +21,13 @@ import torch
 from fairseq.data import data_utils
 
 from ..bilevel import equilibrium_backward
+from ..checkpoints import CheckpointError
 from ..criterions.base import LN2
 from ..criterions.equilibrium_bestrq import EquilibriumBestRqCriterion
 from ..criterions.equilibrium_wav2vec import EquilibriumWav2vecCriterion
 from ..data import receptive_field
 from ..data.shards import Batching, load_shards, validation_batches
+from ..data.manifests import DataError
 from ..models.eq_bestrq import EqBestRqModel
 from ..models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint
 from ..tasks.equilibrium_pretraining import discover_shards
@@ -33,9 +35,9 @@ from ..tasks.equilibrium_pretraining import discover_shards
 logger = logging.getLogger("eqssl.cli.gap")
 
 
-def load_model(path: str) -> tuple:
+def load_model(path: str, given_as: str = "checkpoint ") -> tuple:
     """The network of a pre-training checkpoint (wav2vec 2.0 or BEST-RQ), and the checkpoint's config."""
-    state = load_pretraining_checkpoint(path)
+    state = load_pretraining_checkpoint(path, given_as=given_as)
     model = build_from_checkpoint_config(state)
     model.load_state_dict(state["model"], strict=True)
     return model, state["cfg"]
@@ -112,13 +114,19 @@ def main(argv=None) -> None:
     logging.getLogger("fairseq").setLevel(logging.WARNING)  # fairseq's import sets INFO/DEBUG
     if args.json and os.path.exists(args.json):
         parser.error(f"--json {args.json} exists; choose a new file")
-    shards = discover_shards(args.data, args.shards)
+    try:
+        shards = discover_shards(args.data, args.shards, data_field="data ", shards_field="--shards")
+    except DataError as error:
+        parser.exit(2, f"eqssl-gap: {error}\n")
     results = OrderedDict()
     for item in args.checkpoints:
         name, sep, path = item.partition("=")
         if not sep:
             path, name = item, os.path.basename(os.path.dirname(os.path.abspath(item))) or item
-        results[name] = measure_gap(path, args.data, shards, args)
+        try:
+            results[name] = measure_gap(path, args.data, shards, args)
+        except (CheckpointError, DataError) as error:
+            parser.exit(2, f"eqssl-gap: {error}\n")
     print(f"loss at the checkpoint / gap after K={args.inner_steps} SGD step(s) of alpha={args.inner_lr:g} "
           f"({args.split} batches, bits per target)")
     print(markdown_table(results, shards))

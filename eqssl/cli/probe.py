@@ -69,7 +69,7 @@ class Upstream:
             return None, False
         from .gap import load_model
 
-        model, cfg = load_model(self.source)
+        model, cfg = load_model(self.source, given_as="upstream ")
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -158,8 +158,11 @@ def probe(upstream_source: str, folder: str, cfg: ProbeConfig, cache: str, name:
     """Train the probe on FOLDER's train split and score its test split; returns WER, CER and more."""
     from fairseq.data import Dictionary
 
-    from .evaluate import greedy_decode, load_test_set, score
+    from .evaluate import EvaluationError, greedy_decode, load_test_set, score
 
+    if not os.path.isfile(os.path.join(folder, "dict.ltr.txt")):
+        raise EvaluationError(f"folder {folder}: no dict.ltr.txt; expected a labelled set "
+                              "(SPLIT.tsv, SPLIT.wrd or .ltr, dict.ltr.txt)")
     dictionary = Dictionary.load(os.path.join(folder, "dict.ltr.txt"))
     train_set = load_test_set(name, folder, cfg.train_split, dictionary)
     test_set = load_test_set(name, folder, cfg.test_split, dictionary)
@@ -220,11 +223,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"eqssl-probe: --head {cfg.head}: expected linear or bilstm")
     if args.json and os.path.exists(args.json):
         raise SystemExit(f"eqssl-probe: {args.json} exists; not overwritten")
+    if args.upstream != FBANK and not os.path.isfile(args.upstream):
+        raise SystemExit(f"eqssl-probe: upstream {args.upstream}: no such file (a checkpoint, or 'fbank')")
+    from ..checkpoints import CheckpointError
     from .evaluate import EvaluationError
 
     try:
         result = probe(args.upstream, args.folder, cfg, args.cache)
-    except EvaluationError as error:
+    except (EvaluationError, CheckpointError) as error:
         raise SystemExit(f"eqssl-probe: {error}")
     result.pop("head_state")
     print(f"{args.upstream} on {args.folder}:{cfg.test_split}: WER {100 * result['wer']:.1f} "

@@ -96,7 +96,8 @@ def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
         RECIPES, "reproduce", f"{size_or_path}.yaml")
     if not os.path.exists(path):
         choices = sorted(f[:-5] for f in os.listdir(os.path.join(RECIPES, "reproduce")) if f.endswith(".yaml"))
-        raise ReproduceError(f"no settings {path}; sizes: {', '.join(choices)} (or a .yaml path)")
+        raise ReproduceError(f"--size {size_or_path}: no such settings file; sizes: {', '.join(choices)} "
+                             "(or a .yaml path)")
     with open(path) as f:
         settings = yaml.safe_load(f)
     if family not in FAMILIES:

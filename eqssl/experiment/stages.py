@@ -55,9 +55,17 @@ def mark_finished(folder: str, checkpoint: str, **extra) -> dict:
     return record
 
 
+FAIRSEQ_ENTRY_NOTICES = ("ignore:`torch.jit.script` is deprecated:FutureWarning",
+                         "ignore::UserWarning:fairseq_cli.hydra_train")
+"""Warning filters (``-W`` syntax) for the two notices fairseq's entry points print before any
+plugin loads: torch's on fairseq's torch.jit.script decorators, and hydra's on fairseq's
+``@hydra.main`` (no ``version_base``); neither is the user's to act on (docs/training.md)."""
+
+
 def run_fairseq(command: List[str], log_path: str, tag: str, max_update: Optional[int], threads: int) -> None:
     """Run a fairseq command, its output appended to log_path, printing progress at each validation."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+               PYTHONWARNINGS=",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *FAIRSEQ_ENTRY_NOTICES])))
     start = time.time()
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(command) + "\n")

@@ -23,7 +23,7 @@ from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from fairseq.utils import safe_getattr
 from omegaconf import open_dict
 
-from ..checkpoints import CheckpointError
+from ..checkpoints import CheckpointError, load_failure
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +70,26 @@ def checkpoint_family(name: Optional[str]) -> Optional[str]:
     return None
 
 
-def load_pretraining_checkpoint(path: str, family: Optional[str] = None) -> dict:
+FINETUNED_MODELS = ("wav2vec_ctc", "wav2vec_seq2seq")
+"""fairseq's models fine-tuned from a pre-training one (w2v_path / w2v_args)."""
+
+
+def load_pretraining_checkpoint(path: str, family: Optional[str] = None, given_as: str = "model.init_from=") -> dict:
     """Load a pre-training checkpoint on CPU (of ``family`` if given: eq_wav2vec2 or eq_bestrq),
-    with a clear error for anything else."""
+    with a one-line error for anything else, naming the file as the user gave it
+    (``given_as``: ``model.init_from=`` for the model field, ``upstream `` for a command's argument)."""
+    named = f"{given_as}{path}"
     if not os.path.isfile(path):
-        raise CheckpointError(f"model.init_from={path}: no such file")
+        raise CheckpointError(f"{named}: no such file")
     try:
         # Old releases pickle an argparse.Namespace; allow it and nothing else arbitrary.
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = load_checkpoint_to_cpu(path)
     except Exception as error:
-        raise CheckpointError(
-            f"model.init_from={path}: not a readable fairseq checkpoint "
-            f"(truncated or corrupt?): {type(error).__name__}: {error}"
-        ) from None
+        raise CheckpointError(f"{named}: {load_failure(path, error)}") from None
     model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
     if not isinstance(state, dict) or "model" not in state or model_cfg is None:
-        raise CheckpointError(f"model.init_from={path}: not a fairseq checkpoint (no model weights/config)")
+        raise CheckpointError(f"{named}: not a fairseq checkpoint (no model weights/config)")
     name = model_cfg.get("_name") if hasattr(model_cfg, "get") else None
     found = checkpoint_family(name)
     wanted = [family] if family else list(PRETRAINING_FAMILIES)
@@ -94,8 +97,9 @@ def load_pretraining_checkpoint(path: str, family: Optional[str] = None) -> dict
         expected = " or ".join(f"{PRETRAINING_FAMILIES[f][0]} ({' / '.join(PRETRAINING_FAMILIES[f][1])})"
                                for f in wanted)
         raise CheckpointError(
-            f"model.init_from={path}: holds a {name!r} model, not a {expected} pre-training model"
-            + ("; a fine-tuned checkpoint cannot be pre-trained further" if found is None else "")
+            f"{named}: holds a {name!r} model, not a {expected} pre-training model"
+            + ("; a fine-tuned checkpoint: give the pre-training checkpoint it started from"
+               if name in FINETUNED_MODELS else "")
         )
     return state
 

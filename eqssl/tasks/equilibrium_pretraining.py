@@ -167,25 +167,28 @@ def _parse_shard_weights(text: str, shards: List[str]) -> Dict[str, float]:
     return weights
 
 
-def discover_shards(data: str, requested: str) -> List[str]:
+def discover_shards(data: str, requested: str, data_field: str = "task.data=",
+                    shards_field: str = "task.shards") -> List[str]:
+    """The shard names under ``data`` (those listed in ``requested``, comma-separated, else every
+    sub-folder with a train.tsv); errors name the fields as the user gave them."""
     if not os.path.isdir(data):
-        raise DataError(f"task.data={data}: no such folder")
+        raise DataError(f"{data_field}{data}: no such folder")
     available = sorted(
         d for d in os.listdir(data) if os.path.isfile(os.path.join(data, d, "train.tsv"))
     )
     names = [s.strip() for s in requested.split(",") if s.strip()]
     if not names:
         if not available:
-            raise DataError(f"task.data={data}: no shard sub-folder with a train.tsv")
+            raise DataError(f"{data_field}{data}: no shard sub-folder with a train.tsv")
         return available
     for name in names:
         if not os.path.isdir(os.path.join(data, name)):
             raise DataError(
-                f"task.shards: unknown shard {name!r}: no folder {os.path.join(data, name)} "
+                f"{shards_field}: unknown shard {name!r}: no folder {os.path.join(data, name)} "
                 f"(shards found: {', '.join(available) or 'none'})"
             )
     if len(set(names)) != len(names):
-        raise ValueError(f"task.shards lists a shard twice: {requested}")
+        raise DataError(f"{shards_field} lists a shard twice: {requested}")
     return names
 
 

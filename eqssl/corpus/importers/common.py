@@ -130,7 +130,7 @@ class Importer:
                  valid_percent: float = 1.0, jobs: int = 0):
         self.corpus, self.source, self.out = corpus, os.path.abspath(source), os.path.abspath(out)
         if not os.path.isdir(self.source):
-            raise CorpusImportError(f"{self.source}: no such folder")
+            raise CorpusImportError(f"SOURCE {self.source}: no such folder")
         if self.out == self.source or self.out.startswith(self.source + os.sep):
             raise CorpusImportError(f"OUT {self.out} must not be inside SOURCE {self.source}")
         if not 0 <= max_bad_fraction <= 1:
