@@ -515,6 +515,32 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     assert "| full fine-tuning: CSSL.1 − random init |" in summary
 
 
+def test_the_floors_line_on_constructed_numbers():
+    """Where CSSL.1's CER beats both floors (FBANK and random weights) the line says so; where it
+    misses one, it names the set with the numbers; a measure without FBANK (fine-tuning) names
+    random init alone."""
+    from eqssl.experiment.plan import CONTROL_LABEL, FBANK_LABEL
+    from eqssl.experiment.report import floors_line
+
+    def row(label, probe, finetune=None):
+        cells = lambda cers: {s: {"cer": {"mean": c}} for s, c in cers.items()}  # noqa: E731
+        return {"label": label, "probe": cells(probe), "finetune": cells(finetune or {})}
+
+    result = {"sets": {"read": True, "meeting": False}, "seeds": [1], "checkpoints": {
+        "cssl.1": row("CSSL.1", {"read": 0.60, "meeting": 0.80}, {"read": 0.30, "meeting": 0.50}),
+        "none": row(CONTROL_LABEL, {"read": 0.75, "meeting": 0.85}, {"read": 0.35, "meeting": 0.45}),
+        "fbank": row(FBANK_LABEL, {"read": 0.70, "meeting": 0.78})}}
+    line = floors_line(result, "probe")
+    assert line.startswith("Against the floors (frozen-upstream probe, CER %): CSSL.1 beats random init and FBANK on read "
+                           "(60.0 against random init 75.0, FBANK 70.0); not on meeting (80.0 against "
+                           "random init 85.0, FBANK 78.0): with one seed"), line
+    line = floors_line(result, "finetune")
+    assert line.startswith("Against the floors (full fine-tuning, CER %): CSSL.1 beats random init on read (30.0 against "
+                           "random init 35.0); not on meeting"), line
+    result["seeds"] = [1, 2]
+    assert "beyond the seeds' spread" in floors_line(result, "probe")
+
+
 def test_the_sensitivity_verdict_on_constructed_numbers():
     """Sensitive only where CSSL.1 beats its ½-budget run (lower CER) by more than the paired MDD."""
     from eqssl.experiment.report import sensitivity

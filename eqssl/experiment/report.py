@@ -227,6 +227,33 @@ def learning_verdict(cssl1: dict, chance: float, family: str = "wav2vec2") -> st
             "curves\"): eqssl-reproduce --preset multidomain multilingual --size small --seeds 3 --jobs 2 --out runs/small")
 
 
+def floors_line(result: dict, measure: str) -> str:
+    """One sentence: on which sets CSSL.1's CER beats both floors of ``measure`` (FBANK features,
+    the probe only, and random weights), and by how much it misses where it does not."""
+    rows = result["checkpoints"]
+    mine = (rows.get("cssl.1") or {}).get(measure) or {}
+    floors = {("FBANK" if row["label"] == FBANK_LABEL else "random init"): row[measure]
+              for name, row in rows.items() if (name == CONTROL or row["label"] == FBANK_LABEL) and row[measure]}
+    if not mine or not floors:
+        return ""
+    beats, misses = [], []
+    for set_name in result["sets"]:
+        if set_name not in mine or not all(set_name in f for f in floors.values()):
+            continue
+        cer = 100 * mine[set_name]["cer"]["mean"]
+        others = {label: 100 * f[set_name]["cer"]["mean"] for label, f in floors.items()}
+        text = f"{set_name} ({cer:.1f} against " + ", ".join(f"{label} {v:.1f}" for label, v in others.items()) + ")"
+        (beats if all(cer < v for v in others.values()) else misses).append(text)
+    seeds = len(result["seeds"])
+    line = f"Against the floors ({MEASURES[measure]}, CER %): CSSL.1 beats " + " and ".join(floors) + " on "
+    line += ", ".join(beats) if beats else "no set"
+    if misses:
+        line += "; not on " + ", ".join(misses) + (
+            ": with one seed nothing says whether that is the probe's noise or a worse model (run --seeds 3)"
+            if seeds == 1 else ": see the differences below for whether the miss is beyond the seeds' spread")
+    return line + "."
+
+
 def _cell(stat: dict) -> str:
     if stat["seeds"] > 1:
         return f"{100 * stat['mean']:.1f} ± {100 * stat['sd']:.1f}"
@@ -491,6 +518,9 @@ def markdown(preset: str, result: dict) -> str:
                              + (f"; {need} seeds for 5 % rel." if need else ""))
             lines.append("| … paired (PTLOC.1 − twin and − pass-matched) | " + " | ".join(cells) + " |")
         lines += [_paper_gain_line(result, measure), ""]
+        floors = floors_line(result, measure)
+        if floors:
+            lines += [floors, ""]
         if result["comparisons"][measure]:
             lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
                       "* = beyond the minimum detectable difference: the pooled paired one for PTLOC.1 at the "
