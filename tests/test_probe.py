@@ -91,6 +91,24 @@ def test_cached_features_are_reused_and_a_changed_checkpoint_gets_its_own(checkp
     assert again["final_train_loss"] != pytest.approx(zeroed["final_train_loss"])
 
 
+def test_repeated_heads_report_the_mean_of_single_probes_with_their_seeds(multilingual_corpus, tmp_path):
+    """repeats=3 trains heads with seeds s, s+1000, s+2000 from the same features: its WER and CER
+    are the mean of three single probes with those seeds, each head's scores are listed, and the
+    first head's result is the single probe's own."""
+    from dataclasses import replace
+
+    folder, cache = str(multilingual_corpus / "finetune" / "sv"), str(tmp_path / "cache")
+    singles = [probe("fbank", folder, replace(CFG, seed=CFG.seed + 1000 * r), cache, "sv") for r in range(3)]
+    repeated = probe("fbank", folder, replace(CFG, repeats=3), cache, "sv")
+    assert [h["seed"] for h in repeated["heads"]] == [3, 1003, 2003]
+    for head, single in zip(repeated["heads"], singles):
+        assert (head["wer"], head["cer"]) == (single["wer"], single["cer"])
+    for key in ("wer", "cer"):
+        assert repeated[key] == pytest.approx(sum(s[key] for s in singles) / 3)
+    assert len({s["cer"] for s in singles}) > 1  # the seeds do train different heads
+    assert repeated["final_train_loss"] == singles[0]["final_train_loss"] and "heads" not in singles[0]
+
+
 def test_fbank_floor_and_cli(multilingual_corpus, tmp_path):
     out = tmp_path / "probe.json"
     result = run(["eqssl-probe", "fbank", multilingual_corpus / "finetune" / "sv", "--updates", "10",

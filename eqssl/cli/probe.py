@@ -27,7 +27,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ class ProbeConfig:
     seed: int = 1
     train_split: str = "train_1h"
     test_split: str = "test"
+    repeats: int = 1
+    """Heads trained from the same features with seeds seed, seed + 1000, ...; the WER and CER
+    reported are their mean (the head's own seed moves a probe's CER by several points)."""
 
 
 # ------------------------------------------------------------------ upstream features
@@ -158,7 +161,7 @@ def probe(upstream_source: str, folder: str, cfg: ProbeConfig, cache: str, name:
     """Train the probe on FOLDER's train split and score its test split; returns WER, CER and more."""
     from fairseq.data import Dictionary
 
-    from .evaluate import EvaluationError, greedy_decode, load_test_set, score
+    from .evaluate import EvaluationError, load_test_set, score
 
     if not os.path.isfile(os.path.join(folder, "dict.ltr.txt")):
         raise EvaluationError(f"folder {folder}: no dict.ltr.txt; expected a labelled set "
@@ -170,15 +173,36 @@ def probe(upstream_source: str, folder: str, cfg: ProbeConfig, cache: str, name:
     train_x = cached_features(upstream, folder, cfg.train_split, cache, train_set.audio)
     test_x = cached_features(upstream, folder, cfg.test_split, cache, test_set.audio)
     targets = [torch.tensor(letters_of(r, dictionary)) for r in train_set.references]
+    heads = []
+    for repeat in range(cfg.repeats):
+        seed = cfg.seed + 1000 * repeat
+        head, losses = train_head(train_x, targets, len(dictionary), dictionary.bos(), cfg, seed)
+        hypotheses = decode(head, test_x, dictionary)
+        tail = losses[-max(1, cfg.updates // 10):]
+        heads.append((seed, head, hypotheses, score(test_set.references, hypotheses), sum(tail) / len(tail)))
+    _, head, hypotheses, result, final_loss = heads[0]
+    result.update(upstream=upstream_source, upstream_sha256=upstream.key, config=asdict(cfg),
+                  final_train_loss=final_loss, layer_weights=torch.softmax(head.layer_weights, 0).tolist(),
+                  examples=[{"reference": r, "hypothesis": h} for r, h in zip(test_set.references[:3], hypotheses[:3])])
+    if cfg.repeats > 1:  # the first head's counts and examples stay; WER and CER are the heads' mean
+        result["heads"] = [{"seed": seed, "wer": scored["wer"], "cer": scored["cer"], "final_train_loss": loss}
+                           for seed, _, _, scored, loss in heads]
+        for key in ("wer", "cer"):
+            result[key] = sum(h[key] for h in result["heads"]) / cfg.repeats
+    result["head_state"] = head.state_dict()
+    return result
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    head = ProbeHead(train_x[0].size(0), train_x[0].size(2), len(dictionary), cfg.head, cfg.hidden)
+
+def train_head(train_x: List[torch.Tensor], targets: List[torch.Tensor], letters: int, blank: int,
+               cfg: ProbeConfig, seed: int) -> tuple:
+    """One probe head trained with CTC from cached features; (the head in eval mode, its losses)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = ProbeHead(train_x[0].size(0), train_x[0].size(2), letters, cfg.head, cfg.hidden)
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     warmup = max(1, cfg.updates // 10)  # linear warm-up over a tenth of the updates, then linear decay
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (cfg.updates - step) / max(1, cfg.updates - warmup))))
-    blank = dictionary.bos()
     losses = []
     for _ in range(cfg.updates):
         chosen = torch.randperm(len(train_x), generator=generator)[: cfg.batch_size].tolist()
@@ -192,19 +216,19 @@ def probe(upstream_source: str, folder: str, cfg: ProbeConfig, cache: str, name:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    head.eval()
+    return head.eval(), losses
+
+
+def decode(head: ProbeHead, test_x: List[torch.Tensor], dictionary) -> List[str]:
+    """Greedy CTC transcripts of the test features, 32 clips at a time."""
+    from .evaluate import greedy_decode
+
     hypotheses = []
     with torch.no_grad():
         for i in range(0, len(test_x), 32):
             x, lengths = _pad(test_x[i: i + 32])
             hypotheses += greedy_decode(head(x, lengths), dictionary, lengths.tolist(), progress=False)
-    result = score(test_set.references, hypotheses)
-    tail = losses[-max(1, cfg.updates // 10):]
-    result.update(upstream=upstream_source, upstream_sha256=upstream.key, config=asdict(cfg),
-                  final_train_loss=sum(tail) / len(tail), layer_weights=torch.softmax(head.layer_weights, 0).tolist(),
-                  examples=[{"reference": r, "hypothesis": h} for r, h in zip(test_set.references[:3], hypotheses[:3])])
-    result["head_state"] = head.state_dict()
-    return result
+    return hypotheses
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -221,6 +245,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = ProbeConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if cfg.head not in ("linear", "bilstm"):
         raise SystemExit(f"eqssl-probe: --head {cfg.head}: expected linear or bilstm")
+    if cfg.repeats < 1 or cfg.updates < 1:
+        raise SystemExit(f"eqssl-probe: --repeats and --updates must be at least 1 (got {cfg.repeats}, {cfg.updates})")
     if args.json and os.path.exists(args.json):
         raise SystemExit(f"eqssl-probe: {args.json} exists; not overwritten")
     if args.upstream != FBANK and not os.path.isfile(args.upstream):
@@ -234,7 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"eqssl-probe: {error}")
     result.pop("head_state")
     print(f"{args.upstream} on {args.folder}:{cfg.test_split}: WER {100 * result['wer']:.1f} "
-          f"CER {100 * result['cer']:.1f} (probe: {cfg.head}, {cfg.updates} updates)")
+          f"CER {100 * result['cer']:.1f} (probe: {cfg.head}, {cfg.updates} updates"
+          + (f", mean of {cfg.repeats} heads" if cfg.repeats > 1 else "") + ")")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
