@@ -48,7 +48,8 @@ setup(
     ],
     extras_require={
         # the tests read TensorBoard event files back with tensorboard's own reader
-        "test": ["pytest>=8", "tensorboard>=2.16"],
+        # pytest-xdist: README's test command runs the test files on every core (-n auto)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tensorboard>=2.16"],
         "plots": ["matplotlib>=3.8"],
         # eqssl-export --format hf: Hugging Face transformers folders
         "hf": ["transformers==5.24.0", "safetensors>=0.4"],

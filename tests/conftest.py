@@ -10,10 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from eqssl.corpus.toy import make_corpus
-from eqssl.experiment.fairseq_log import trainings
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (README's test command runs one worker per core) a worker, its torch and
+    # the fairseq processes it starts take one thread each, so that workers do not share cores.
+    # Set before torch is imported (the import below imports fairseq and torch).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+from eqssl.corpus.toy import make_corpus  # noqa: E402
+from eqssl.experiment.fairseq_log import trainings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+LONGEST_FIRST = ("test_reproduce.py", "test_distributed.py", "test_recipes.py", "test_faults.py")
+"""The test files that take longest (docs/development.md), started first under pytest-xdist."""
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Under pytest-xdist, whose workers take test files in collection order, the longest files go
+    first, so that none of them starts last and runs alone; a file's own order is kept."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 BIN = Path(sys.executable).parent
 
 # The flags every fairseq-train test run shares: tiny model, CPU, a few updates.
