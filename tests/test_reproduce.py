@@ -584,16 +584,24 @@ def test_a_failing_chain_leaves_the_others_and_resumes(experiment, tmp_path):
     the failed chain from its last finished stage."""
     import shutil
 
-    out, command, _ = experiment
+    out, _, _ = experiment
     mine = tmp_path / "out"
     (mine / "multilingual").mkdir(parents=True)
     (mine / "multilingual" / "corpus").symlink_to((out / "multilingual" / "corpus").resolve())
     shutil.copytree(out / "multilingual" / "seed1", mine / "multilingual" / "seed1", symlinks=True)
-    shutil.copy(out / "multilingual" / "chain_ratio.json", mine / "multilingual")
+    # Seed 2 runs a subset of the experiment's stages (one round, one step size, one fine-tuning):
+    # seed 1's finished stages cover it, and the second chain costs a few runs, not a whole one.
+    settings = yaml.safe_load((out / "settings.yaml").read_text())
+    settings["rounds"] = 1
+    settings["ptloc"].update(ratios=[10], pass_matched=False)
+    settings["finetune"]["checkpoints"] = ["cssl.1"]
+    lighter = tmp_path / "settings.yaml"
+    lighter.write_text(yaml.safe_dump(settings))
     blocked = mine / "multilingual" / "seed2" / "ptloc.1.off"
     blocked.parent.mkdir(parents=True)
     blocked.write_text("in the way")  # a file where the twin's run folder goes
-    again = [*command[:-1], mine, "--seeds", "2", "--jobs", "2"]
+    again = ["eqssl-reproduce", "--preset", "multilingual", "--size", lighter, "--out", mine, "--seeds", "2",
+             "--jobs", "2"]
     first = run(again)
     assert first.returncode == 1, first.stdout[-3000:]
     assert "FAILED [multilingual seed 2] ptloc.1.off failed (folder: " in first.stdout

@@ -249,7 +249,7 @@ def floors_line(result: dict, measure: str) -> str:
     line += ", ".join(beats) if beats else "no set"
     if misses:
         line += "; not on " + ", ".join(misses) + (
-            ": with one seed nothing says whether that is the probe's noise or a worse model (run --seeds 3)"
+            ": with one seed nothing says whether that is the measure's noise or a worse model (run --seeds 3)"
             if seeds == 1 else ": see the differences below for whether the miss is beyond the seeds' spread")
     return line + "."
 
