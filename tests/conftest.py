@@ -20,6 +20,7 @@ from eqssl.corpus.toy import make_corpus  # noqa: E402
 from eqssl.experiment.fairseq_log import trainings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 LONGEST_FIRST = ("test_reproduce.py", "test_distributed.py", "test_recipes.py", "test_faults.py")
 """The test files that take longest (docs/development.md), started first under pytest-xdist."""
@@ -31,7 +32,7 @@ def pytest_collection_modifyitems(items) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
         items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-BIN = Path(sys.executable).parent
+
 
 # The flags every fairseq-train test run shares: tiny model, CPU, a few updates.
 TRAIN_FLAGS = [

@@ -41,6 +41,7 @@ import jiwer
 import numpy as np
 import torch
 
+from ..checkpoints import load_failure
 
 
 class EvaluationError(Exception):
@@ -143,8 +144,6 @@ def load_checkpoint(path: str, device: str = "cpu"):
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except Exception as error:  # a truncated file, a text file, another framework's pickle, ...
-        from ..checkpoints import load_failure
-
         raise EvaluationError(f"checkpoint {path}: {load_failure(path, error)}") from None
     cfg = state.get("cfg")
     if cfg is None and state.get("args") is not None:

@@ -42,6 +42,7 @@ from unittest import mock
 
 import torch
 
+from ..checkpoints import load_failure
 from .export_bestrq import FORMAT, BestRqExportError, export_bestrq_state, is_bestrq
 
 PRETRAINING = "pretraining"
@@ -147,8 +148,6 @@ def load_input(path: str) -> dict:
     try:
         state = load_checkpoint_to_cpu(path)
     except Exception as error:
-        from ..checkpoints import load_failure
-
         raise ExportError(
             f"input {path}: {load_failure(path, error)}"
         ) from None
