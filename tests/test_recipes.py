@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run, tensorboard_scalars
+from conftest import REPO, compose_jobs, run, tensorboard_scalars
 
 # recipes/reproduce holds eqssl-reproduce's settings, not hydra recipes (tests/test_reproduce.py).
 RECIPES = sorted(p for group in ("pretrain", "finetune") for p in (REPO / "recipes" / group).glob("*.yaml"))
@@ -17,15 +17,20 @@ UNLISTED = {
     "pretrain": ["task.shard_sampling=temperature", "task.validation_gap_steps=2", "optimizer.use_old_adam=true"],
     "wav2vec2": ["criterion.collapse_accuracy=0.5", "model.conv_bias=true"],
     "bestrq": ["model.quantizer_seed=7"],
+    "cpc": ["model.num_negatives=7", "model.prediction_steps=10"],
     "finetune": ["task.eval_wer=true", "criterion.wer_kenlm_model=/lm.bin", "model.mask_channel_before=true",
                  "lr_scheduler.init_lr_scale=0.02"],
+    # CPC fine-tuning sets no mask field (eq_cpc masks nothing): an unlisted field it does read instead
+    "finetune_cpc": ["task.eval_wer=true", "criterion.wer_kenlm_model=/lm.bin", "model.final_dropout=0.2",
+                     "lr_scheduler.init_lr_scale=0.02"],
 }
 
 
 def unlisted(recipe: Path) -> list:
+    family = next((f for f in ("bestrq", "cpc") if f"_{f}_" in f"_{recipe.stem}_"), "wav2vec2")
     if recipe.parent.name == "finetune":
-        return UNLISTED["finetune"]
-    return UNLISTED["pretrain"] + UNLISTED["bestrq" if "bestrq" in recipe.stem else "wav2vec2"]
+        return UNLISTED["finetune_cpc" if family == "cpc" else "finetune"]
+    return UNLISTED["pretrain"] + UNLISTED[family]
 
 
 # What hydra says of recipes written for hydra 1.0 (`# @package _group_` headers) and of fairseq's
@@ -33,14 +38,13 @@ def unlisted(recipe: Path) -> list:
 HYDRA_NOTICES = ("Usage of deprecated keyword in package header", "is validated against ConfigStore schema")
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_every_recipe_composes_from_any_folder(recipe, tmp_path):
-    """Each recipe composes in fairseq-hydra-train, named as the design card names it
-    (--config-dir recipes --config-name GROUP/RECIPE), from a folder that is not the repository
-    (--cfg job --resolve prints the config, runs nothing): common.user_dir resolves to the
-    installed package, task, criterion, model, optimizer and lr_scheduler fields the recipe does
-    not list are overridden as plain task.X= / criterion.X= / model.X= / ..., and hydra prints
-    no deprecation notice."""
+def recipe_id(recipe: Path) -> str:
+    return f"{recipe.parent.name}/{recipe.stem}"
+
+
+def recipe_command(recipe: Path) -> list:
+    """fairseq-hydra-train composing ``recipe`` in the design card's form, with the fields it does
+    not list, printing the config (--cfg job --resolve runs nothing)."""
     group = recipe.parent.name
     command = ["fairseq-hydra-train", "--config-dir", REPO / "recipes", "--config-name", f"{group}/{recipe.stem}",
                "task.data=/data", *unlisted(recipe), "--cfg", "job", "--resolve"]
@@ -48,7 +52,26 @@ def test_every_recipe_composes_from_any_folder(recipe, tmp_path):
         command.insert(-3, "model.init_from=/pretrained.pt")
     if group == "finetune":
         command.insert(-3, "model.w2v_path=/pretrained.pt")
-    result = run(command, cwd=tmp_path)
+    return command
+
+
+@pytest.fixture(scope="module")
+def recipes_composed(tmp_path_factory) -> dict:
+    """Every recipe's composition, from a folder that is not the repository, all in one process
+    (conftest.compose_jobs: fairseq's own entry point, one import for all)."""
+    return compose_jobs({recipe_id(r): recipe_command(r) for r in RECIPES}, tmp_path_factory.mktemp("elsewhere"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=recipe_id)
+def test_every_recipe_composes_from_any_folder(recipe, recipes_composed):
+    """Each recipe composes in fairseq-hydra-train, named as the design card names it
+    (--config-dir recipes --config-name GROUP/RECIPE), from a folder that is not the repository
+    (--cfg job --resolve prints the config, runs nothing): common.user_dir resolves to the
+    installed package, task, criterion, model, optimizer and lr_scheduler fields the recipe does
+    not list are overridden as plain task.X= / criterion.X= / model.X= / ..., and hydra prints
+    no deprecation notice."""
+    group = recipe.parent.name
+    result = recipes_composed[recipe_id(recipe)]
     assert result.returncode == 0, result.stdout[-3000:]
     task = "equilibrium_pretraining" if group == "pretrain" else "audio_finetuning"
     assert f"_name: {task}" in result.stdout

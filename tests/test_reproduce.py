@@ -9,7 +9,7 @@ import math
 import pytest
 import yaml
 
-from conftest import REPO, run, tensorboard_scalars, train_log_values
+from conftest import REPO, compose_jobs, run, tensorboard_scalars, train_log_values
 
 from eqssl.models.eq_wav2vec2 import load_pretraining_checkpoint
 from eqssl.experiment.fairseq_log import validations
@@ -17,7 +17,8 @@ from eqssl.experiment.fairseq_log import validations
 PRETRAINING = ["cssl.1", "cssl.1.x0.5", "ptloc.1.off", "cssl.1+2x", "ptloc.1.r10", "ptloc.1.r100", "cssl.1-temp",
                "cssl.2", "cssl.2.twin", "ptloc.2.off", "ptloc.2.twin", "ptloc.2"]
 ROWS = ["fbank", "cssl.1", "none", *PRETRAINING[1:]]
-FINETUNED = ["cssl.1", "none", "cssl.1.x0.5", "ptloc.1.off", "ptloc.1.r10", "ptloc.2"]
+# Fine-tuned: the first round's reference rows and a later round (each fine-tuning is a fairseq process).
+FINETUNED = ["cssl.1", "none", "ptloc.1.r10", "ptloc.2"]
 SETS = ["sv"]
 
 
@@ -126,7 +127,7 @@ def test_results_file_has_every_cell(experiment):
     seconds = result["seconds"]
     assert seconds["pretraining"] == pytest.approx(sum(found[n]["seconds"] for n in PRETRAINING + ["none"]))
     assert "Compute of multilingual (1 seed(s))" in table
-    assert "progress: 33/33 stages" in stdout
+    assert "progress: 31/31 stages" in stdout
 
 
 def test_twin_and_pass_matched_runs_differ_from_ptloc_only_where_they_should(experiment):
@@ -290,29 +291,41 @@ def test_a_changed_checkpoint_redoes_it_and_what_depends_on_it(experiment):
     assert after["cssl.2"]["gap"] == before["cssl.2"]["gap"]
 
 
+def reproduce_refuses(*arguments) -> str:
+    """eqssl-reproduce's main on ``arguments`` (in this process): the message it exits with."""
+    from eqssl.cli.reproduce import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(list(map(str, arguments)))
+    assert isinstance(stop.value.code, str), stop.value.code  # a message, printed with exit status 1
+    return stop.value.code
+
+
 def test_bad_settings_fail_before_any_work(tmp_path):
     settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
     settings["finetune"]["sets"] = {"multilingual": ["klingon"]}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(settings))
-    result = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
-    assert result.returncode != 0
-    assert "finetune.sets.multilingual: unknown set(s) ['klingon']" in result.stdout
-    assert str(path) in result.stdout
-    assert not (tmp_path / "out").exists()
-    missing = run(["eqssl-reproduce", "--size", "huge", "--out", tmp_path / "out"])
-    assert missing.returncode != 0 and "sizes: full, small, tiny" in missing.stdout
+    out = tmp_path / "out"
+    message = reproduce_refuses("--preset", "multilingual", "--size", path, "--out", out)
+    assert "finetune.sets.multilingual: unknown set(s) ['klingon']" in message
+    assert str(path) in message
+    assert not out.exists()
+    assert "sizes: full, small, tiny" in reproduce_refuses("--size", "huge", "--out", out)
     settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
     settings["cssl1"]["patience"] = 3
     path.write_text(yaml.safe_dump(settings))
-    old = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
-    assert old.returncode != 0 and f"{path}: cssl1.patience is no longer read" in old.stdout
+    message = reproduce_refuses("--preset", "multilingual", "--size", path, "--out", out)
+    assert f"{path}: cssl1.patience is no longer read" in message
     settings = yaml.safe_load(open(REPO / "recipes" / "reproduce" / "tiny.yaml"))
     settings["ptloc"]["lr"] = 0.0001  # the settings of a 200-update continuation
     path.write_text(yaml.safe_dump(settings))
-    old = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", tmp_path / "out"])
-    assert old.returncode != 0 and f"{path}: ptloc.lr is no longer read: β is proportions" in old.stdout
-    assert not (tmp_path / "out").exists()
+    message = reproduce_refuses("--preset", "multilingual", "--size", path, "--out", out)
+    assert f"{path}: ptloc.lr is no longer read: β is proportions" in message
+    assert not out.exists()
+    # and as a command: one line, exit status 1, no traceback
+    command = run(["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out])
+    assert command.returncode == 1 and command.stdout.strip().splitlines() == [message]
 
 
 def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experiment, multilingual_corpus, tmp_path):
@@ -334,10 +347,12 @@ def test_compare_checkpoints_runs_the_same_measures_on_any_checkpoints(experimen
     assert (tmp_path / "control" / "random_init.pt").exists()
 
 
-@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "finetune"])
-def test_gpu_size_settings_compose(name):
-    """The `full` (BASE, GPU) experiment is not run here; each kind of its runs composes in
-    fairseq-hydra-train with the overrides eqssl-reproduce gives it (--cfg job runs nothing)."""
+GPU_RUNS = ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "finetune"]
+
+
+def gpu_size_run(name: str) -> tuple:
+    """The fairseq-hydra-train command eqssl-reproduce gives one kind of the `full` experiment's
+    runs, with --cfg job, and lines its config must hold."""
     from eqssl.experiment.stages import finetune_command, pretrain_command
     from eqssl.experiment.plan import load_settings, plan_pretraining
 
@@ -357,9 +372,22 @@ def test_gpu_size_settings_compose(name):
             expected += ["inner_steps: 0", "max_update: 64000", "_name: tri_stage", "decay_steps: 16000"]
         if name == "cssl.1-temp":
             expected += ["shard_sampling: temperature", "shards_per_update: 1"]
-    result = run([*command, "--cfg", "job"])
+    return [*command, "--cfg", "job"], expected
+
+
+@pytest.fixture(scope="module")
+def gpu_size_composed(tmp_path_factory) -> dict:
+    return compose_jobs({name: gpu_size_run(name)[0] for name in GPU_RUNS}, tmp_path_factory.mktemp("gpu"))
+
+
+@pytest.mark.parametrize("name", GPU_RUNS)
+def test_gpu_size_settings_compose(name, gpu_size_composed):
+    """The `full` (BASE, GPU) experiment is not run here; each kind of its runs composes in
+    fairseq-hydra-train with the overrides eqssl-reproduce gives it (--cfg job runs nothing;
+    all in one process, conftest.compose_jobs)."""
+    result = gpu_size_composed[name]
     assert result.returncode == 0, result.stdout[-3000:]
-    for line in expected:
+    for line in gpu_size_run(name)[1]:
         assert line in result.stdout, (line, result.stdout[-3000:])
 
 
@@ -375,26 +403,42 @@ def test_report_tabulates_finished_seeds_and_runs_nothing(experiment, tmp_path):
     assert nothing.returncode != 0 and "no finished seed for multilingual" in nothing.stdout
 
 
-@pytest.mark.parametrize("name", ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.3"])
-def test_small_settings_compose(name):
-    """The `small` experiment's runs compose with its recipes; every run continued from another
-    keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
+SMALL_RUNS = ["cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2", "ptloc.3"]
+
+
+def small_run(name: str):
+    """One run of the `small` experiment's plan (three rounds on multidomain only)."""
     from eqssl.experiment.plan import load_settings, plan_pretraining
+
+    preset = "multidomain" if name in ("cssl.2", "ptloc.3") else "multilingual"
+    return {r.name: r for r in plan_pretraining(preset, load_settings("small"), 100.0)}[name]
+
+
+@pytest.fixture(scope="module")
+def small_composed(tmp_path_factory) -> dict:
     from eqssl.experiment.stages import pretrain_command
 
-    settings = load_settings("small")
-    preset = "multidomain" if name in ("cssl.2", "ptloc.3") else "multilingual"  # three rounds on multidomain only
-    run_ = {r.name: r for r in plan_pretraining(preset, settings, 100.0)}[name]
-    command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
-    result = run([*command, "--cfg", "job"])
+    jobs = {}
+    for name in SMALL_RUNS:
+        run_ = small_run(name)
+        init = None if run_.init_from is None else "/init.pt"
+        jobs[name] = [*pretrain_command(run_, "/data", "/save", 1, init), "--cfg", "job"]
+    return compose_jobs(jobs, tmp_path_factory.mktemp("small"))
+
+
+@pytest.mark.parametrize("name", SMALL_RUNS)
+def test_small_settings_compose(name, small_composed):
+    """The `small` experiment's runs compose with its recipes; every run continued from another
+    keeps the Gumbel temperature at CSSL.1's floor instead of restarting its schedule."""
+    result = small_composed[name]
     assert result.returncode == 0, result.stdout[-3000:]
     assert "max_tokens: 480000" in result.stdout and "feature_grad_mult: 1.0" in result.stdout
-    temperature = [0.5, 0.5, 1.0] if run_.init_from else [2.0, 0.5, 0.995]
+    temperature = [0.5, 0.5, 1.0] if small_run(name).init_from else [2.0, 0.5, 0.995]
     assert "latent_temp:\n" + "".join(f"  - {t}\n" for t in temperature) in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.parametrize("size", ["small", "full"])
-def test_bestrq_family_runs_compose(size):
+def test_bestrq_family_runs_compose(size, tmp_path):
     """--model bestrq runs the same plan with the BEST-RQ recipes (eq_bestrq, its criterion), and
     none of the wav2vec 2.0 overrides (Gumbel temperature) leak into it."""
     from eqssl.experiment.plan import load_settings, plan_pretraining
@@ -410,12 +454,15 @@ def test_bestrq_family_runs_compose(size):
     plan = plan_pretraining("multidomain", settings)
     # every run of wav2vec 2.0's plan, in the same order
     assert [r.name for r in plan] == [r.name for r in plan_pretraining("multidomain", wav2vec2)]
-    for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.r10")):
+    runs = (plan[0], next(r for r in plan if r.name == "ptloc.1.r10"))
+    jobs = {}
+    for run_ in runs:
         assert run_.recipe.startswith(("cssl_bestrq_", "ptloc_bestrq_"))
         assert not any("latent_temp" in o for o in run_.overrides)
-        command = pretrain_command(run_, "/data", "/save", 1, None if run_.init_from is None else "/init.pt")
-        result = run([*command, "--cfg", "job"])
-        assert result.returncode == 0, result.stdout[-3000:]
+        init = None if run_.init_from is None else "/init.pt"
+        jobs[run_.name] = [*pretrain_command(run_, "/data", "/save", 1, init), "--cfg", "job"]
+    for name, result in compose_jobs(jobs, tmp_path).items():
+        assert result.returncode == 0, (name, result.stdout[-3000:])
         assert "_name: eq_bestrq" in result.stdout and "_name: equilibrium_bestrq" in result.stdout
 
 
@@ -589,12 +636,14 @@ def test_a_failing_chain_leaves_the_others_and_resumes(experiment, tmp_path):
     (mine / "multilingual").mkdir(parents=True)
     (mine / "multilingual" / "corpus").symlink_to((out / "multilingual" / "corpus").resolve())
     shutil.copytree(out / "multilingual" / "seed1", mine / "multilingual" / "seed1", symlinks=True)
-    # Seed 2 runs a subset of the experiment's stages (one round, one step size, one fine-tuning):
-    # seed 1's finished stages cover it, and the second chain costs a few runs, not a whole one.
+    # Seed 2 runs a subset of the experiment's stages (one round, one step size, one fine-tuning,
+    # no positive control): seed 1's finished stages cover it, and the second chain costs a few
+    # runs, not a whole one.
     settings = yaml.safe_load((out / "settings.yaml").read_text())
     settings["rounds"] = 1
     settings["ptloc"].update(ratios=[10], pass_matched=False)
     settings["finetune"]["checkpoints"] = ["cssl.1"]
+    settings["positive_control"] = []
     lighter = tmp_path / "settings.yaml"
     lighter.write_text(yaml.safe_dump(settings))
     blocked = mine / "multilingual" / "seed2" / "ptloc.1.off"
@@ -608,8 +657,7 @@ def test_a_failing_chain_leaves_the_others_and_resumes(experiment, tmp_path):
     assert "FileExistsError" in first.stdout and "1 chain(s) failed" in first.stdout
     assert "mean ± sd over 1 seed(s)" in first.stdout  # seed 1's tables
     assert json.loads((mine / "results.json").read_text())["failures"]
-    for name in ("cssl.1", "cssl.1.x0.5"):
-        assert (mine / "multilingual" / "seed2" / name / "eqssl_stage.json").exists()
+    assert (mine / "multilingual" / "seed2" / "cssl.1" / "eqssl_stage.json").exists()
     blocked.unlink()
     second = run(again)
     assert second.returncode == 0, second.stdout[-3000:]
