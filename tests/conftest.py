@@ -22,8 +22,20 @@ from eqssl.experiment.fairseq_log import trainings  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-LONGEST_FIRST = ("test_reproduce.py", "test_distributed.py", "test_bestrq.py", "test_faults.py")
-"""The test files that take longest (docs/development.md), started first under pytest-xdist."""
+LONGEST_FIRST = ("test_reproduce.py", "test_distributed.py", "test_bestrq.py", "test_cpc.py", "test_faults.py",
+                 "test_fairseq_plugin.py", "test_bad_input.py", "test_export_hf.py", "test_locking.py",
+                 "test_learning.py", "test_finetune.py", "test_presets.py", "test_evaluate.py", "test_recipes.py",
+                 "test_corpus.py", "test_export.py", "test_probe.py")
+"""Test files from the longest down (measured with --durations, docs/development.md); the rest
+take seconds. Under pytest-xdist they start in this order, so that the two workers end together
+(longest processing time first) instead of one finishing a long file alone."""
+
+
+def pytest_configure(config) -> None:
+    """pytest-xdist's loadfile hands out files ordered by their number of tests unless told not to
+    (--no-loadscope-reorder): keep the order of :func:`pytest_collection_modifyitems`."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -130,6 +130,49 @@ def test_results_file_has_every_cell(experiment):
     assert "progress: 31/31 stages" in stdout
 
 
+# Early in the file: pytest-xdist gives a worker its next file when two tests are left, so a
+# long test at the end would hold that file back while the other worker may be idle.
+def test_a_failing_chain_leaves_the_others_and_resumes(experiment, tmp_path):
+    """Under --jobs 2, a chain that raises is reported with its stage, log and last line; the
+    other chain finishes and is tabulated, the exit status says one failed, and a rerun resumes
+    the failed chain from its last finished stage."""
+    import shutil
+
+    out, _, _ = experiment
+    mine = tmp_path / "out"
+    (mine / "multilingual").mkdir(parents=True)
+    (mine / "multilingual" / "corpus").symlink_to((out / "multilingual" / "corpus").resolve())
+    shutil.copytree(out / "multilingual" / "seed1", mine / "multilingual" / "seed1", symlinks=True)
+    # Seed 2 runs a subset of the experiment's stages (one round, one step size, one fine-tuning,
+    # no positive control): seed 1's finished stages cover it, and the second chain costs a few
+    # runs, not a whole one.
+    settings = yaml.safe_load((out / "settings.yaml").read_text())
+    settings["rounds"] = 1
+    settings["ptloc"].update(ratios=[10], pass_matched=False)
+    settings["finetune"]["checkpoints"] = ["cssl.1"]
+    settings["positive_control"] = []
+    lighter = tmp_path / "settings.yaml"
+    lighter.write_text(yaml.safe_dump(settings))
+    blocked = mine / "multilingual" / "seed2" / "ptloc.1.off"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("in the way")  # a file where the twin's run folder goes
+    again = ["eqssl-reproduce", "--preset", "multilingual", "--size", lighter, "--out", mine, "--seeds", "2",
+             "--jobs", "2"]
+    first = run(again)
+    assert first.returncode == 1, first.stdout[-3000:]
+    assert "FAILED [multilingual seed 2] ptloc.1.off failed (folder: " in first.stdout
+    assert "FileExistsError" in first.stdout and "1 chain(s) failed" in first.stdout
+    assert "mean ± sd over 1 seed(s)" in first.stdout  # seed 1's tables
+    assert json.loads((mine / "results.json").read_text())["failures"]
+    assert (mine / "multilingual" / "seed2" / "cssl.1" / "eqssl_stage.json").exists()
+    blocked.unlink()
+    second = run(again)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "[multilingual seed 2] cssl.1: done, skipped" in second.stdout
+    assert "[multilingual seed 2] ptloc.1.off: PTLOC.1 constraint off" in second.stdout
+    assert "mean ± sd over 2 seed(s)" in second.stdout
+
+
 def test_twin_and_pass_matched_runs_differ_from_ptloc_only_where_they_should(experiment):
     """The twin has exactly PTLOC's start, updates, learning rates and schedule, with inner_steps 0;
     the pass-matched CSSL (K+1) x the updates and passes at the same β and schedule shape."""
@@ -623,44 +666,3 @@ def test_a_diverging_run_is_named_with_its_update(tmp_path):
     assert "up to update 30" in warnings[0]
     assert warnings[1] == ("[p seed 1] ptloc.1.r300: validation loss 5.700 at update 30 is 0.70 bits above its "
                            "start's (5.000)")
-
-
-def test_a_failing_chain_leaves_the_others_and_resumes(experiment, tmp_path):
-    """Under --jobs 2, a chain that raises is reported with its stage, log and last line; the
-    other chain finishes and is tabulated, the exit status says one failed, and a rerun resumes
-    the failed chain from its last finished stage."""
-    import shutil
-
-    out, _, _ = experiment
-    mine = tmp_path / "out"
-    (mine / "multilingual").mkdir(parents=True)
-    (mine / "multilingual" / "corpus").symlink_to((out / "multilingual" / "corpus").resolve())
-    shutil.copytree(out / "multilingual" / "seed1", mine / "multilingual" / "seed1", symlinks=True)
-    # Seed 2 runs a subset of the experiment's stages (one round, one step size, one fine-tuning,
-    # no positive control): seed 1's finished stages cover it, and the second chain costs a few
-    # runs, not a whole one.
-    settings = yaml.safe_load((out / "settings.yaml").read_text())
-    settings["rounds"] = 1
-    settings["ptloc"].update(ratios=[10], pass_matched=False)
-    settings["finetune"]["checkpoints"] = ["cssl.1"]
-    settings["positive_control"] = []
-    lighter = tmp_path / "settings.yaml"
-    lighter.write_text(yaml.safe_dump(settings))
-    blocked = mine / "multilingual" / "seed2" / "ptloc.1.off"
-    blocked.parent.mkdir(parents=True)
-    blocked.write_text("in the way")  # a file where the twin's run folder goes
-    again = ["eqssl-reproduce", "--preset", "multilingual", "--size", lighter, "--out", mine, "--seeds", "2",
-             "--jobs", "2"]
-    first = run(again)
-    assert first.returncode == 1, first.stdout[-3000:]
-    assert "FAILED [multilingual seed 2] ptloc.1.off failed (folder: " in first.stdout
-    assert "FileExistsError" in first.stdout and "1 chain(s) failed" in first.stdout
-    assert "mean ± sd over 1 seed(s)" in first.stdout  # seed 1's tables
-    assert json.loads((mine / "results.json").read_text())["failures"]
-    assert (mine / "multilingual" / "seed2" / "cssl.1" / "eqssl_stage.json").exists()
-    blocked.unlink()
-    second = run(again)
-    assert second.returncode == 0, second.stdout[-3000:]
-    assert "[multilingual seed 2] cssl.1: done, skipped" in second.stdout
-    assert "[multilingual seed 2] ptloc.1.off: PTLOC.1 constraint off" in second.stdout
-    assert "mean ± sd over 2 seed(s)" in second.stdout
