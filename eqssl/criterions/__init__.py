@@ -1,1 +1,1 @@
-from . import equilibrium_bestrq, equilibrium_wav2vec  # noqa: F401
+from . import equilibrium_bestrq, equilibrium_cpc, equilibrium_wav2vec  # noqa: F401

@@ -59,11 +59,12 @@ class EqWav2Vec2Config(Wav2Vec2Config):
 PRETRAINING_FAMILIES = {
     "eq_wav2vec2": ("wav2vec 2.0", ("wav2vec2", "eq_wav2vec2")),
     "eq_bestrq": ("BEST-RQ", ("eq_bestrq",)),
+    "eq_cpc": ("CPC", ("eq_cpc",)),
 }
 
 
 def checkpoint_family(name: Optional[str]) -> Optional[str]:
-    """The eqssl model (eq_wav2vec2, eq_bestrq) that builds a checkpoint's recorded model name."""
+    """The eqssl model (eq_wav2vec2, eq_bestrq, eq_cpc) that builds a checkpoint's recorded model name."""
     for family, (_, names) in PRETRAINING_FAMILIES.items():
         if name in names or str(name).startswith(family + "_"):
             return family
@@ -75,7 +76,7 @@ FINETUNED_MODELS = ("wav2vec_ctc", "wav2vec_seq2seq")
 
 
 def load_pretraining_checkpoint(path: str, family: Optional[str] = None, given_as: str = "model.init_from=") -> dict:
-    """Load a pre-training checkpoint on CPU (of ``family`` if given: eq_wav2vec2 or eq_bestrq),
+    """Load a pre-training checkpoint on CPU (of ``family`` if given: eq_wav2vec2, eq_bestrq or eq_cpc),
     with a one-line error for anything else, naming the file as the user gave it
     (``given_as``: ``model.init_from=`` for the model field, ``upstream `` for a command's argument)."""
     named = f"{given_as}{path}"

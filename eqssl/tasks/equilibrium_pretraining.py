@@ -2,8 +2,8 @@
 equilibrium (PTLOC) update; ``inner_steps=0`` is conventional pre-training (CSSL).
 
 The task knows no model family: the criterion computes each shard's loss and logs (the interface
-is in ``eqssl.criterions.base``); eq_wav2vec2 + equilibrium_wav2vec and eq_bestrq +
-equilibrium_bestrq are the two families today."""
+is in ``eqssl.criterions.base``); eq_wav2vec2 + equilibrium_wav2vec, eq_bestrq +
+equilibrium_bestrq and eq_cpc + equilibrium_cpc are the families today."""
 
 
 import contextlib
