@@ -1,4 +1,5 @@
-"""Greedy CTC evaluation of a fine-tuned wav2vec 2.0 checkpoint on labelled test sets.
+"""Greedy CTC evaluation of a fine-tuned checkpoint (wav2vec_ctc around wav2vec 2.0, BEST-RQ or CPC) on
+labelled test sets.
 
     python -m eqssl.cli.evaluate CHECKPOINT NAME=FOLDER:SPLIT [NAME=FOLDER:SPLIT ...]
         [--json OUT.json] [--markdown OUT.md] [--batch-size N] [--device cpu|cuda]
@@ -134,6 +135,10 @@ def greedy_decode(emissions: torch.Tensor, dictionary, lengths: Optional[Sequenc
 # Checkpoint
 # ---------------------------------------------------------------------------------------------
 
+FINETUNE_RECIPES = {"eq_wav2vec2": "ctc_tiny", "eq_bestrq": "ctc_bestrq_tiny", "eq_cpc": "ctc_cpc_tiny"}
+"""The CPU fine-tuning recipe of each pre-training family, named when one is given to evaluate."""
+
+
 def load_checkpoint(path: str, device: str = "cpu"):
     """(model, task) of a fine-tuned CTC checkpoint, loaded by fairseq; error otherwise."""
     import eqssl  # noqa: F401  (registers eqssl's plugins and the safe globals for torch.load)
@@ -152,10 +157,13 @@ def load_checkpoint(path: str, device: str = "cpu"):
     model_name = cfg.model.get("_name", None) if cfg is not None and cfg.get("model") else None
     task_name = cfg.task.get("_name", None) if cfg is not None and cfg.get("task") else None
     if model_name != "wav2vec_ctc" or task_name != "audio_finetuning":
+        from ..models.eq_wav2vec2 import checkpoint_family
+
+        recipe = FINETUNE_RECIPES.get(checkpoint_family(model_name), "ctc_tiny")
         raise EvaluationError(
             f"checkpoint {path}: not a fine-tuned CTC checkpoint (model {model_name!r}, task {task_name!r}; "
             "expected model 'wav2vec_ctc', task 'audio_finetuning'). A pre-training checkpoint "
-            "must be fine-tuned first (recipes/finetune/ctc_tiny.yaml).")
+            f"must be fine-tuned first (recipes/finetune/{recipe}.yaml).")
     if "target_dictionary" not in (state.get("task_state") or {}):
         raise EvaluationError(f"checkpoint {path}: the checkpoint carries no target dictionary (task_state)")
     try:
@@ -391,7 +399,7 @@ def evaluate(checkpoint: str, sets: Sequence[str], batch_size: int = 8, device: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eqssl-evaluate",
-        description="Greedy CTC WER/CER of a fine-tuned wav2vec 2.0 checkpoint on labelled sets.")
+        description="Greedy CTC WER/CER of a fine-tuned checkpoint (wav2vec 2.0, BEST-RQ or CPC) on labelled sets.")
     parser.add_argument("checkpoint", help="fine-tuned CTC checkpoint (fairseq .pt)")
     parser.add_argument("sets", nargs="+", metavar="NAME=FOLDER:SPLIT",
                         help="test set: FOLDER/SPLIT.tsv with FOLDER/SPLIT.wrd (or .ltr)")

@@ -1,6 +1,6 @@
 """eqssl-export: an eqssl checkpoint rewritten to load without eqssl. wav2vec 2.0 as a stock fairseq
 checkpoint (:mod:`eqssl.cli.export_fairseq`) or a Hugging Face folder (:mod:`eqssl.cli.export_hf`),
-BEST-RQ as plain PyTorch (:mod:`eqssl.cli.export_bestrq`)."""
+BEST-RQ and CPC as plain PyTorch (:mod:`eqssl.cli.export_bestrq`, :mod:`eqssl.cli.export_cpc`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Rewrite an eqssl checkpoint (pre-training, or wav2vec_ctc fine-tuned) so that it "
         "loads without eqssl: wav2vec 2.0 as a stock fairseq checkpoint (fairseq, torchaudio); "
         "BEST-RQ as plain PyTorch tensors and a config for torchaudio's Conformer "
-        "(examples/bestrq_standalone.py rebuilds it); with --format hf, wav2vec 2.0 as a Hugging Face "
+        "(examples/bestrq_standalone.py rebuilds it); CPC as plain PyTorch tensors and its config "
+        "(examples/cpc_standalone.py rebuilds it with torch alone); with --format hf, wav2vec 2.0 as a Hugging Face "
         "transformers folder (Wav2Vec2ForPreTraining, or Wav2Vec2ForCTC with its processor).",
     )
     parser.add_argument("input", help="eqssl checkpoint (e.g. checkpoint_best.pt)")
@@ -28,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "exist (hf: or be an empty folder)")
     parser.add_argument("--format", choices=("pt", "hf"), default="pt",
                         help="pt (default): a torch.save file, the stock fairseq checkpoint (wav2vec 2.0) "
-                        "or plain PyTorch data (BEST-RQ); hf: a Hugging Face transformers folder "
+                        "or plain PyTorch data (BEST-RQ, CPC); hf: a Hugging Face transformers folder "
                         "(wav2vec 2.0 only; needs pip install -e \".[hf]\"), see docs/hf_export.md")
     args = parser.parse_args(argv)
     try:

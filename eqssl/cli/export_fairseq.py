@@ -1,7 +1,8 @@
 """Export eqssl checkpoints so that they load without eqssl: ``eqssl-export IN OUT [--format hf]``.
 
-BEST-RQ (eq_bestrq) checkpoints, which fairseq has no model for, are written as plain PyTorch
-data by ``eqssl.cli.export_bestrq``; the rest of this docstring is about wav2vec 2.0.
+BEST-RQ (eq_bestrq) and CPC (eq_cpc) checkpoints, which fairseq has no model for, are written as
+plain PyTorch data by ``eqssl.cli.export_bestrq`` and ``eqssl.cli.export_cpc``; the rest of this
+docstring is about wav2vec 2.0.
 
 eqssl's checkpoints name its own components (model ``eq_wav2vec2``, task
 ``equilibrium_pretraining``, criterion ``equilibrium_wav2vec``, ``common.user_dir``), so loading
@@ -44,6 +45,7 @@ import torch
 
 from ..checkpoints import load_failure
 from .export_bestrq import FORMAT, BestRqExportError, export_bestrq_state, is_bestrq
+from .export_cpc import FORMAT as CPC_FORMAT, CpcExportError, export_cpc_state, is_cpc
 
 PRETRAINING = "pretraining"
 FINETUNED = "finetuned"
@@ -97,8 +99,8 @@ def _keep(group: Optional[dict], names: Iterable[str], new_name: str) -> dict:
 
 
 def is_pretraining_model(name: Optional[str]) -> bool:
-    """Whether a model ``_name`` is pre-training: wav2vec 2.0 (stock or eqssl) or eq_bestrq, any size."""
-    return name is not None and (name == "wav2vec2" or str(name).startswith(("eq_wav2vec2", "eq_bestrq")))
+    """Whether a model ``_name`` is pre-training: wav2vec 2.0 (stock or eqssl), eq_bestrq or eq_cpc, any size."""
+    return name is not None and (name == "wav2vec2" or str(name).startswith(("eq_wav2vec2", "eq_bestrq", "eq_cpc")))
 
 
 def stock_pretraining_cfg(cfg: dict) -> dict:
@@ -129,12 +131,12 @@ def checkpoint_kind(state: Any, path: str) -> str:
         if not is_pretraining_model(inner_name):
             raise ExportError(
                 f"{path}: a wav2vec_ctc checkpoint whose w2v_args hold a {inner_name!r} model, "
-                "not a pre-training model (wav2vec2 / eq_wav2vec2 / eq_bestrq)"
+                "not a pre-training model (wav2vec2 / eq_wav2vec2 / eq_bestrq / eq_cpc)"
             )
         return FINETUNED
     raise ExportError(
         f"{path}: holds a {name!r} model, not a pre-training checkpoint "
-        "(wav2vec2 / eq_wav2vec2 / eq_bestrq) or a fine-tuned wav2vec_ctc one"
+        "(wav2vec2 / eq_wav2vec2 / eq_bestrq / eq_cpc) or a fine-tuned wav2vec_ctc one"
     )
 
 
@@ -251,10 +253,10 @@ def _export(src: str, dst: str) -> tuple:
     if os.path.lexists(dst):
         raise ExportError(f"{dst}: already exists; not overwriting it")
     state = load_input(src)
-    if is_bestrq(state):
+    if is_bestrq(state) or is_cpc(state):
         try:
-            exported = export_bestrq_state(state, src)
-        except BestRqExportError as error:
+            exported = export_bestrq_state(state, src) if is_bestrq(state) else export_cpc_state(state, src)
+        except (BestRqExportError, CpcExportError) as error:
             raise ExportError(str(error)) from None
     else:
         exported = export_state(state, src)
@@ -269,5 +271,7 @@ def _export(src: str, dst: str) -> tuple:
     os.replace(partial, dst)
     if is_bestrq(state):
         return exported["kind"], f"BEST-RQ {exported['kind']} export, plain PyTorch ({FORMAT})"
+    if is_cpc(state):
+        return exported["kind"], f"CPC {exported['kind']} export, plain PyTorch ({CPC_FORMAT})"
     kind = checkpoint_kind(exported, dst)
     return kind, f"stock fairseq wav2vec 2.0 {kind} checkpoint"

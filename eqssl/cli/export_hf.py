@@ -30,7 +30,7 @@ as a space, which makes the tokenizer's decoding (pieces joined, ends stripped) 
 ``post_process(..., "sentencepiece")`` gives.
 
 Checkpoints transformers' ``Wav2Vec2`` cannot express are refused with the fields that say why
-(``REFUSED`` lists them), and so are BEST-RQ ones: transformers has no BEST-RQ model.
+(``REFUSED`` lists them), and so are BEST-RQ and CPC ones: transformers has neither model.
 """
 
 import importlib
@@ -51,6 +51,7 @@ from .export_fairseq import (
     load_input,
 )
 from .export_bestrq import is_bestrq
+from .export_cpc import is_cpc
 
 INSTALL_HINT = (
     "--format hf needs Hugging Face transformers, which is not installed here: "
@@ -365,6 +366,11 @@ def plan(src: str) -> dict:
             f"{src}: a BEST-RQ (eq_bestrq) checkpoint; transformers has no BEST-RQ model, so --format hf "
             "cannot write it (eqssl-export's default --format pt writes it as plain PyTorch for "
             "torchaudio's Conformer)")
+    if is_cpc(state):
+        raise ExportError(
+            f"{src}: a CPC (eq_cpc) checkpoint; transformers has no CPC model, so --format hf cannot write "
+            "it (eqssl-export's default --format pt writes it as plain PyTorch, which "
+            "examples/cpc_standalone.py rebuilds with torch alone)")
     stock = export_state(state, src)
     kind, cfg, ctc, prefix = _model_configs(stock)
     where = "model." if kind == PRETRAINING else "model.w2v_args.model."

@@ -1,4 +1,5 @@
-"""How far a pre-training checkpoint (wav2vec 2.0 or BEST-RQ) is from each shard's K-step optimum (the equilibrium gap).
+"""How far a pre-training checkpoint (wav2vec 2.0, BEST-RQ or CPC) is from each shard's K-step optimum (the
+equilibrium gap).
 
     eqssl-gap DATA CHECKPOINT [CHECKPOINT ...] --inner-steps 1 --inner-lr 1e-3
 
@@ -24,11 +25,13 @@ from ..bilevel import equilibrium_backward
 from ..checkpoints import CheckpointError
 from ..criterions.base import LN2
 from ..criterions.equilibrium_bestrq import EquilibriumBestRqCriterion
+from ..criterions.equilibrium_cpc import EquilibriumCpcCriterion
 from ..criterions.equilibrium_wav2vec import EquilibriumWav2vecCriterion
 from ..data import receptive_field
 from ..data.shards import Batching, load_shards, validation_batches
 from ..data.manifests import DataError
 from ..models.eq_bestrq import EqBestRqModel
+from ..models.eq_cpc import EqCpcModel
 from ..models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint
 from ..tasks.equilibrium_pretraining import discover_shards
 
@@ -36,7 +39,7 @@ logger = logging.getLogger("eqssl.cli.gap")
 
 
 def load_model(path: str, given_as: str = "checkpoint ") -> tuple:
-    """The network of a pre-training checkpoint (wav2vec 2.0 or BEST-RQ), and the checkpoint's config."""
+    """The network of a pre-training checkpoint (wav2vec 2.0, BEST-RQ or CPC), and the checkpoint's config."""
     state = load_pretraining_checkpoint(path, given_as=given_as)
     model = build_from_checkpoint_config(state)
     model.load_state_dict(state["model"], strict=True)
@@ -47,6 +50,8 @@ def pretraining_criterion(model, cfg):
     """The equilibrium criterion of the checkpoint's model family, with its recorded settings."""
     if isinstance(model, EqBestRqModel):
         return EquilibriumBestRqCriterion(None)
+    if isinstance(model, EqCpcModel):
+        return EquilibriumCpcCriterion(None)  # its negatives come from numpy, seeded per batch below
     criterion_cfg = cfg.get("criterion") or {}
     return EquilibriumWav2vecCriterion(None, infonce=True, loss_weights=criterion_cfg.get("loss_weights") or [0.1, 10])
 

@@ -4,12 +4,13 @@ spell, with the encoder frozen (SUPERB's ASR protocol; the paper's "one linear l
     eqssl-probe CHECKPOINT|fbank FOLDER [--train-split train_1h] [--test-split test]
         [--head linear|bilstm] [--updates 1500] [--seed 1] [--cache DIR] [--json OUT.json]
 
-The upstream is a wav2vec 2.0 pre-training checkpoint (eqssl's or stock fairseq's), or ``fbank``:
-80 log-mel filterbanks per 10 ms, normalised per utterance (SUPERB's FBANK floor). Its features
-(every transformer layer's output, in eval mode, no masking) are computed once per checkpoint,
-set and split and cached as ``CACHE/<checkpoint SHA-256>/<set folder hash>/<split>.pt``: a probe
-of the same checkpoint reuses them, and a changed checkpoint has another SHA-256, so its stale
-features are never read. The encoder itself is never trained or written.
+The upstream is a pre-training checkpoint (wav2vec 2.0, eqssl's or stock fairseq's; BEST-RQ; CPC),
+or ``fbank``: 80 log-mel filterbanks per 10 ms, normalised per utterance (SUPERB's FBANK floor).
+Its features (every transformer or Conformer block's output, in eval mode, no masking) are
+computed once per checkpoint, set and split and cached as
+``CACHE/<checkpoint SHA-256>/<set folder hash>/<split>.pt``: a probe of the same checkpoint reuses
+them, and a changed checkpoint has another SHA-256, so its stale features are never read. The
+encoder itself is never trained or written.
 
 The probe: a learnable softmax-weighted sum of the layers, then a CTC head (``linear``: one linear
 layer, as the paper; ``bilstm``: SUPERB's ASR downstream in small, a 2-layer BiLSTM then a linear
@@ -58,7 +59,7 @@ class ProbeConfig:
 
 # ------------------------------------------------------------------ upstream features
 class Upstream:
-    """A frozen feature extractor: fbank, or a wav2vec 2.0 pre-training checkpoint's layers."""
+    """A frozen feature extractor: fbank, or a pre-training checkpoint's layers (wav2vec 2.0, BEST-RQ, CPC)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -234,7 +235,7 @@ def decode(head: ProbeHead, test_x: List[torch.Tensor], dictionary) -> List[str]
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="eqssl-probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("upstream", help="a wav2vec 2.0 pre-training checkpoint, or 'fbank'")
+    parser.add_argument("upstream", help="a pre-training checkpoint (wav2vec 2.0, BEST-RQ, CPC), or 'fbank'")
     parser.add_argument("folder", help="a labelled set: SPLIT.tsv, SPLIT.wrd/.ltr, dict.ltr.txt")
     defaults = ProbeConfig()
     for key, value in asdict(defaults).items():
