@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or preset .yaml files (docs/corpus.md); each runs in OUT/<its name>")
     parser.add_argument("--size", default="tiny", help="tiny, small, full, or a settings .yaml file")
     parser.add_argument("--model", default="wav2vec2", choices=sorted(FAMILIES),
-                        help="model family: wav2vec2 (eq_wav2vec2) or bestrq (eq_bestrq, the paper's); "
-                        "the recipes are recipes/pretrain/{cssl,ptloc}_[bestrq_]<size's model>.yaml")
+                        help="model family: wav2vec2 (eq_wav2vec2), bestrq (eq_bestrq, the paper's "
+                        "multi-domain model) or cpc (eq_cpc, the paper's multilingual model); the recipes are "
+                        "recipes/pretrain/{cssl,ptloc}_[bestrq_|cpc_]<size's model>.yaml")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N (training and fine-tuning)")
     parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -49,10 +50,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings["preset_files"] = resolve_presets(args.preset, settings)
         args.preset = list(dict.fromkeys(preset_name(p) for p in args.preset))
         names = {CONTROL}
+        # finetune.checkpoints may name runs of rounds that only some presets run (rounds_by_preset):
+        # a name is unknown when no round count these settings allow has it
+        deepest = dict(settings, rounds_by_preset={},
+                       rounds=max([settings["rounds"], *(settings.get("rounds_by_preset") or {}).values()]))
         for preset in args.preset:
             finetune_sets(preset, settings)  # fail on a bad set or run name before any work
             ratio = round1_ratios(settings)[0]  # later rounds' names do not depend on the ratio chosen
-            names.update(r.name for r in plan_pretraining(preset, settings, ratio))
+            names.update(r.name for r in plan_pretraining(preset, deepest, ratio))
         unknown = [n for n in settings["finetune"].get("checkpoints") or [] if n not in names]
         if unknown:
             raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "

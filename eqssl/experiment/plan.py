@@ -67,7 +67,7 @@ class PretrainRun:
     """The learning-rate schedule (fairseq scheduler and its numbers), for the proportions table."""
 
 
-FAMILIES = {"wav2vec2": "", "bestrq": "bestrq_"}
+FAMILIES = {"wav2vec2": "", "bestrq": "bestrq_", "cpc": "cpc_"}
 """Model families eqssl-reproduce runs: --model NAME picks recipes/pretrain/{cssl,ptloc}_<prefix><model>."""
 
 PROPORTION_FIELDS = {

@@ -218,6 +218,10 @@ def learning_verdict(cssl1: dict, chance: float, family: str = "wav2vec2") -> st
         return (f"**CSSL.1 is still near chance** (masked-code accuracy {lowest:.3f} on its lowest shard, "
                 f"majority code {chance:.3f}): this budget is too short for BEST-RQ to learn, so no row below "
                 "can show whether pre-training or PTLOC helps; run the `small` settings.")
+    if family == "cpc" and lowest < LEARNED * chance:
+        return (f"**CSSL.1 is still near chance** (contrastive accuracy {lowest:.3f} on its lowest shard, chance "
+                f"{chance:.3f}): this budget is too short for CPC to learn, so no row below can show whether "
+                "pre-training or PTLOC helps; run the `small` settings.")
     if lowest >= LEARNED * chance:
         return (f"CSSL.1 learned: validation accuracy {lowest:.3f} on its lowest shard, {lowest / chance:.1f}x "
                 "chance; the downstream rows below compare models that learned.")

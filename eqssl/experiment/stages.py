@@ -86,13 +86,19 @@ def run_fairseq(command: List[str], log_path: str, tag: str, max_update: Optiona
 
 def checkpoint_updates(path: str) -> tuple:
     """(num_updates, task config, chance accuracy) of a fairseq pre-training checkpoint; chance is
-    1 / (negatives + 1) for wav2vec 2.0 and None for BEST-RQ (read from its log: ``log_chance``)."""
-    from ..models.eq_wav2vec2 import load_pretraining_checkpoint
+    1 / (negatives + 1) for wav2vec 2.0 and CPC and None for BEST-RQ (read from its log: ``majority``)."""
+    from ..models.eq_wav2vec2 import checkpoint_family, load_pretraining_checkpoint
 
     state = load_pretraining_checkpoint(path)
     model_cfg = state["cfg"]["model"]
-    chance = None if str(model_cfg.get("_name")).startswith("eq_bestrq") else \
-        1.0 / (int(model_cfg.get("num_negatives", 100)) + 1)
+    family = checkpoint_family(model_cfg.get("_name"))
+    if family == "eq_bestrq":
+        chance = None
+    else:  # contrastive: the positive against num_negatives others (the model's own default if unrecorded)
+        from ..models.eq_cpc import EqCpcConfig
+
+        default = EqCpcConfig.num_negatives if family == "eq_cpc" else 100
+        chance = 1.0 / (int(model_cfg.get("num_negatives") or default) + 1)
     return int(state["optimizer_history"][-1]["num_updates"]), state["cfg"]["task"], chance
 
 
