@@ -3,6 +3,7 @@
     python examples/benchmark_update_cost.py --arch eq_wav2vec2_tiny --shards 2 4 8 --inner-steps 0 1 3
     python examples/benchmark_update_cost.py --arch eq_wav2vec2_base --shards 2 --inner-steps 1 --profile 1
     python examples/benchmark_update_cost.py --arch eq_bestrq_tiny     (BEST-RQ: its criterion is chosen by the arch)
+    python examples/benchmark_update_cost.py --arch eq_cpc_base --shards 3 --inner-steps 1 --precision fp16
     python examples/benchmark_update_cost.py --arch eq_bestrq_base --shards 3 --inner-steps 1 --precision bf16
 
 Each (M shards, K) runs in a fresh process (so peak memory is its own) on a generated corpus
@@ -32,6 +33,8 @@ import time
 
 PRECISIONS = {"fp32": {}, "fp16": {"fp16": True}, "bf16": {"bf16": True}}
 """--precision -> fairseq ``common.*`` settings."""
+CRITERIA = {"wav2vec2": "equilibrium_wav2vec", "bestrq": "equilibrium_bestrq", "cpc": "equilibrium_cpc"}
+"""The criterion of each family, by its arch (eq_<family>_<size>; anything else: wav2vec 2.0's)."""
 
 
 def make_shards(workdir: str, shards: int) -> str:
@@ -65,12 +68,13 @@ def build_trainer(args):
     device = ["--cpu"] if not torch.cuda.is_available() else []
     argv = [
         corpus, "--user-dir", os.path.dirname(eqssl.__file__), "--task", "equilibrium_pretraining",
-        "--criterion", "equilibrium_bestrq" if args.arch.startswith("eq_bestrq") else "equilibrium_wav2vec",
+        "--criterion", next((c for f, c in CRITERIA.items() if args.arch.startswith(f"eq_{f}_")),
+                            "equilibrium_wav2vec"),
         "--arch", args.arch, *device,
         "--inner-steps", str(args.k), "--max-tokens", str(args.max_tokens),
         "--max-sample-size", str(args.max_tokens // 2), "--min-sample-size", "8000",
         "--required-batch-size-multiple", "1", "--optimizer", "adam", "--lr", "1e-5",
-        *([] if args.arch.startswith("eq_bestrq") else ["--loss-weights", "[0.1, 10]"]),
+        *([] if args.arch.startswith(("eq_bestrq", "eq_cpc")) else ["--loss-weights", "[0.1, 10]"]),
         "--num-workers", "0", "--no-save", "--seed", "1",
         "--shard-batch-size", "equal", *args.fairseq_args,
     ]

@@ -92,8 +92,8 @@ def curve(log_path: str) -> List[dict]:
 
 
 def chance_level(overrides: List[str], recipe: str) -> Optional[float]:
-    """wav2vec 2.0: 1 / (negatives + 1), negatives from the override, else the recipe's model
-    file; BEST-RQ: None (its chance is the majority code's share, logged per validation)."""
+    """wav2vec 2.0 and CPC: 1 / (negatives + 1), negatives from the override, else the recipe's
+    model file; BEST-RQ: None (its chance is the majority code's share, logged per validation)."""
     for override in overrides:
         if override.lstrip("+").startswith("model.num_negatives="):
             return 1.0 / (int(override.split("=", 1)[1]) + 1)
@@ -104,7 +104,8 @@ def chance_level(overrides: List[str], recipe: str) -> Optional[float]:
         model_cfg = yaml.safe_load(f)
     if model_cfg.get("_name") == "eq_bestrq":
         return None
-    return 1.0 / (int(model_cfg.get("num_negatives", 100)) + 1)
+    default = 12 if model_cfg.get("_name") == "eq_cpc" else 100  # the models' own num_negatives defaults
+    return 1.0 / (int(model_cfg.get("num_negatives", default)) + 1)
 
 
 def lowest_over_chance(point: dict, chance: Optional[float]) -> float:
