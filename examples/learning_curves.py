@@ -129,9 +129,10 @@ def table(name: str, points: List[dict], chance: Optional[float], every: int = 0
         accuracy = [p["accuracy"].get(s, float("nan")) for s in shards]
         cells = [f"{a:.3f}" if chance is not None else f"{a:.3f} ({p['majority'].get(s, float('nan')):.3f})"
                  for s, a in zip(shards, accuracy)]
-        ppl = sum(p["code_ppl"].values()) / max(len(p["code_ppl"]), 1)
+        # CPC has no codebook: no perplexity to show
+        ppl = f"{sum(p['code_ppl'].values()) / len(p['code_ppl']):.1f}" if p["code_ppl"] else "–"
         lines.append(f"| {p['updates']} | {p['wall_s'] / 60:.1f} | " + " | ".join(cells)
-                     + f" | {lowest_over_chance(p, chance):.1f}x | {ppl:.1f} |")
+                     + f" | {lowest_over_chance(p, chance):.1f}x | {ppl} |")
     return "\n".join(lines) + "\n"
 
 
