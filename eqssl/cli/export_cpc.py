@@ -20,9 +20,7 @@ the network. ``examples/cpc_standalone.py`` rebuilds the network from it with to
 the reference for anyone loading it elsewhere.
 """
 
-from typing import Dict
-
-import torch
+from .export_bestrq import _take
 
 FORMAT = "eqssl-cpc/1"
 CONFIG_FIELDS = ("sample_rate", "encoder_channels", "context_kernel_size", "encoder_layers", "encoder_embed_dim",
@@ -47,12 +45,6 @@ def encoder_config(state: dict) -> dict:
 def is_cpc(state: dict) -> bool:
     """Whether a fairseq checkpoint holds eq_cpc, pre-trained or inside a wav2vec_ctc model."""
     return str(encoder_config(state).get("_name")).startswith("eq_cpc")
-
-
-def _take(weights: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    """Remove and return the tensors under ``prefix`` (prefix stripped)."""
-    keys = [k for k in weights if k.startswith(prefix)]
-    return {k[len(prefix):]: weights.pop(k) for k in keys}
 
 
 def export_cpc_state(state: dict, path: str = "<checkpoint>") -> dict:
