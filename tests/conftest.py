@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Set before torch is imported (the import below imports fairseq and torch).
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
+import forked_command  # noqa: E402
 from eqssl.corpus.toy import make_corpus  # noqa: E402
 from eqssl.experiment.fairseq_log import trainings  # noqa: E402
 
@@ -93,9 +95,17 @@ def corpus_copy(corpus, tmp_path) -> Path:
     return copy
 
 
-def run(command, cwd=REPO, timeout=600) -> subprocess.CompletedProcess:
-    """Run a console command of this environment; stdout and stderr together in .stdout."""
+def run(command, cwd=REPO, timeout=600, fresh=False) -> subprocess.CompletedProcess:
+    """Run a console command of this environment; stdout and stderr together in .stdout.
+
+    An eqssl or fairseq console script runs in a child forked from a server that has torch,
+    fairseq and eqssl imported (tests/forked_command.py), which saves each command seconds of
+    imports; ``fresh``: in a new interpreter instead, for what a command prints as it imports."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not fresh and forked_command.is_console_script(str(command[0])):
+        with tempfile.TemporaryDirectory() as folder:
+            return forked_command.SERVER.run(str(command[0]), [str(BIN / command[0]), *map(str, command[1:])],
+                                             cwd, env, os.path.join(folder, "output"), timeout)
     return subprocess.run(
         [str(BIN / command[0]), *map(str, command[1:])],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
