@@ -19,5 +19,7 @@
 # A rerun skips the finished stages. The full experiment: eqssl-reproduce --help.
 set -euo pipefail
 out=${1:-runs/demo}
-eqssl-reproduce --model bestrq --preset multidomain --size tiny --seeds 1 --out "$out"
+# --jobs 2: two fairseq runs at a time, one thread each (faster here than one run on two threads):
+# CSSL.1 beside its half-budget control, PTLOC beside its twin, probes beside the longest run
+eqssl-reproduce --model bestrq --preset multidomain --size tiny --seeds 1 --jobs 2 --out "$out"
 python "$(dirname "$0")/wav2vec2_path.py" "$out/wav2vec2" "$out/multidomain/corpus/pretrain"

@@ -42,8 +42,9 @@ def experiment(multilingual_corpus, tmp_path_factory):
     settings["pretrain_overrides"] += ["common.log_interval=2"]  # training lines (the gradient change) in 6 updates
     path = out / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
-    command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out]
-    first = run(command)
+    # one chain and two jobs: the chain's independent stages run side by side
+    command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out, "--jobs", "2"]
+    first = run(command, fresh=True)  # a new interpreter: its output includes what it prints as it imports
     assert first.returncode == 0, first.stdout[-3000:]
     return out, command, first.stdout
 
@@ -128,6 +129,22 @@ def test_results_file_has_every_cell(experiment):
     assert seconds["pretraining"] == pytest.approx(sum(found[n]["seconds"] for n in PRETRAINING + ["none"]))
     assert "Compute of multilingual (1 seed(s))" in table
     assert "progress: 31/31 stages" in stdout
+
+
+def test_one_chain_under_two_jobs_runs_its_independent_stages_side_by_side(experiment):
+    """Round 2's CSSL runs of the two chains (from PTLOC.1 and from its twin) both start before
+    either finishes; every run starts after the run it starts from has finished."""
+    _, _, stdout = experiment
+    lines = stdout.splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    starts = {name: first(f"[multilingual seed 1] {name}: CSSL.2") for name in ("cssl.2", "cssl.2.twin")}
+    ends = {name: first(f"[multilingual seed 1] {name}: finished") for name in ("cssl.2", "cssl.2.twin")}
+    assert max(starts.values()) < min(ends.values()), "\n".join(lines[min(starts.values()):max(ends.values()) + 1])
+    for name, source in [("ptloc.2", "cssl.2"), ("ptloc.2.twin", "cssl.2.twin"), ("ptloc.2.off", "cssl.2")]:
+        assert first(f"[multilingual seed 1] {source}: finished") < first(f"[multilingual seed 1] {name}: PTLOC.2")
 
 
 # Early in the file: pytest-xdist gives a worker its next file when two tests are left, so a
@@ -666,3 +683,48 @@ def test_a_diverging_run_is_named_with_its_update(tmp_path):
     assert "up to update 30" in warnings[0]
     assert warnings[1] == ("[p seed 1] ptloc.1.r300: validation loss 5.700 at update 30 is 0.70 bits above its "
                            "start's (5.000)")
+
+
+def test_stages_wait_for_theirs_and_the_longest_ready_starts_first():
+    """run_stages on two lanes: two independent stages run at once (each waits for the other at
+    a barrier), a stage starts only after those it waits for, the ready stage with the most work
+    takes a free lane first, and an error is raised once the stage running beside it has finished."""
+    import threading
+
+    from eqssl.experiment.stages import Stage, run_stages
+
+    lock, started, ended = threading.Lock(), [], []
+    together = threading.Barrier(2, timeout=30)
+
+    def stage(name: str, after=(), work=1.0, meet=False, check=None, fail=False) -> Stage:
+        def body() -> None:
+            with lock:
+                started.append(name)
+            if check:
+                check()
+            if meet:
+                together.wait()
+            if fail:
+                raise ValueError(name)
+            with lock:
+                ended.append(name)
+        return Stage(name, body, tuple(after), work)
+
+    def both_long_ones_started() -> None:
+        assert {"long", "longer"} <= set(started), started
+
+    run_stages([stage("short", work=1, check=both_long_ones_started), stage("long", work=3, meet=True),
+                stage("longer", work=5, meet=True), stage("last", after=["short", "long"])], lanes=2)
+    assert set(ended) == {"short", "long", "longer", "last"} and ended[-1] == "last"
+    assert started.index("last") > max(ended.index("short"), ended.index("long"))
+
+    started.clear(), ended.clear()
+    together.reset()
+    with pytest.raises(ValueError, match="broken"):
+        run_stages([stage("broken", work=5, meet=True, fail=True), stage("running", work=3, meet=True),
+                    stage("never", after=["broken"])], lanes=2)
+    assert sorted(started) == ["broken", "running"] and ended == ["running"]
+
+    started.clear(), ended.clear()
+    run_stages([stage("b"), stage("a", work=9), stage("c", after=["a"])], lanes=1)  # one lane: list order
+    assert started == ["b", "a", "c"]

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N (training and fine-tuning)")
     parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="(preset, seed) chains run at once, each with cores/jobs threads")
+                        help="fairseq runs at once, each with cores/jobs threads: (preset, seed) chains side "
+                             "by side and, with fewer chains than jobs, a chain's independent stages side by "
+                             "side (CSSL.1's runs beside CSSL.1 at half budget, probes beside PTLOC)")
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: print every pre-training run of a seed (start, updates, learning rates "
                         "and their sum) and the protocol's proportions beside the paper's")

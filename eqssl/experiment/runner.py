@@ -79,7 +79,10 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
     Exit status 1 when a chain failed (the others finish and are tabulated)."""
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    chains = [Chain(p, s, args.out, settings, threads) for p in args.preset for s in range(1, args.seeds + 1)]
+    count = len(args.preset) * args.seeds
+    # fewer chains than jobs: the jobs left over run a chain's independent stages side by side
+    lanes = max(1, args.jobs // count)
+    chains = [Chain(p, s, args.out, settings, threads, lanes) for p in args.preset for s in range(1, args.seeds + 1)]
     results: Dict[str, Dict[int, dict]] = {p: {} for p in args.preset}
     failures: List[str] = []
     if not args.report:
@@ -97,11 +100,11 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
         else:
             waiting = [c for c in chains if needs_chain_ratio(c.preset, settings) and chain_ratio(c) is None]
             if waiting:  # the α of later rounds is chosen from every seed's round 1
-                round1, failures = _run_all(pretrain_round1, waiting, args.jobs)
+                round1, failures = _run_all(pretrain_round1, waiting, min(args.jobs, len(waiting)))
                 choose_chain_ratios(args.out, settings, round1)
                 started = {c.tag for c, _ in round1}
                 chains = [c for c in chains if c not in waiting or c.tag in started]
-            finished, more = _run_all(run_chain, chains, args.jobs)
+            finished, more = _run_all(run_chain, chains, max(1, min(args.jobs, len(chains))))
             failures += more
             for chain, found in finished:
                 results[chain.preset][chain.seed] = found

@@ -4,15 +4,17 @@ probe and fine-tuning, each leaving a verifiable record so that a rerun skips wh
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import math
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..checkpoints import file_sha256
 from ..corpus.presets import RECIPES
@@ -22,6 +24,11 @@ from .plan import (CONTROL, CONTROL_LABEL, PACKAGE, PretrainRun, ReproduceError,
 from .statistics import mean
 
 MARKER = "eqssl_stage.json"
+
+IN_PROCESS = threading.Lock()
+"""Held by the work a stage does in this process (gap, divergence, probe, evaluation, random
+init): fairseq's globals (its metrics) are not thread-safe, and one core's worth of Python is
+what that work can use anyway. fairseq runs, each its own process, go on beside it."""
 
 
 def finished(folder: str, input_sha256: Optional[str] = None, move_stale: bool = True) -> Optional[dict]:
@@ -128,6 +135,8 @@ class Chain:
     out: str
     settings: dict
     threads: int
+    lanes: int = 1
+    """Stages of this chain that run at once (each fairseq run with ``threads`` threads)."""
 
     @property
     def tag(self) -> str:
@@ -153,6 +162,31 @@ def pretrain_command(run: PretrainRun, data: str, save_dir: str, seed: int, init
 
 def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     """Stage: one pre-training run, then the equilibrium gap of its checkpoint."""
+    seconds = train(chain, run, done)
+    with IN_PROCESS:
+        return finish_pretraining(chain, run, done, seconds)
+
+
+def train(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> float:
+    """The fairseq run of a pre-training stage (needs ``done[run.init_from]``), unless the stage
+    finished before; its seconds."""
+    folder = os.path.join(chain.folder, run.name)
+    source = done[run.init_from] if run.init_from else None
+    if finished(folder, source["sha256"] if source else None) is not None:
+        return 0.0
+    os.makedirs(folder, exist_ok=True)
+    start = time.time()
+    init = os.path.join(chain.folder, run.init_from, source["checkpoint"]) if source else None
+    max_update = int(override_value(run.overrides, "optimization.max_update") or 0)
+    print(f"{chain.tag} {run.name}: {run.label}{' from ' + run.init_from if run.init_from else ''}", flush=True)
+    command = pretrain_command(run, os.path.join(chain.corpus, "pretrain"), folder, chain.seed, init)
+    run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
+    return time.time() - start
+
+
+def finish_pretraining(chain: Chain, run: PretrainRun, done: Dict[str, dict], seconds: float) -> dict:
+    """The rest of a pre-training stage once :func:`train` ran (needs ``done[run.twin]``): its
+    checkpoint's gap, accuracy and divergence from its twin, in its record."""
     folder = os.path.join(chain.folder, run.name)
     source = done[run.init_from] if run.init_from else None
     record = finished(folder, source["sha256"] if source else None)
@@ -161,13 +195,7 @@ def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
         if run.twin and (record.get("divergence") or {}).get("twin_sha256") != done[run.twin]["sha256"]:
             record = rewrite_record(folder, record, divergence=divergence_from_twin(chain, run, done))
         return record
-    os.makedirs(folder, exist_ok=True)
-    start = time.time()
-    init = os.path.join(chain.folder, run.init_from, source["checkpoint"]) if source else None
-    max_update = int(override_value(run.overrides, "optimization.max_update") or 0)
-    print(f"{chain.tag} {run.name}: {run.label}{' from ' + run.init_from if run.init_from else ''}", flush=True)
-    command = pretrain_command(run, os.path.join(chain.corpus, "pretrain"), folder, chain.seed, init)
-    run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
+    start = time.time() - seconds
     updates, task_cfg, chance = checkpoint_updates(os.path.join(folder, "checkpoint_last.pt"))
     accuracy = last_validation_accuracy(os.path.join(folder, "train.log"))
     if chance is None:  # BEST-RQ: the largest majority-code share over the shards (conservative)
@@ -332,7 +360,8 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
         *settings.get("overrides", []), *(settings.get("preset_overrides") or {}).get(chain.preset, [])])
     run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} finetune {name}/{set_name}", None,
                 chain.threads)
-    report = evaluate(os.path.join(folder, "checkpoint_best.pt"), [f"{set_name}={data}:test"], progress=False)
+    with IN_PROCESS:
+        report = evaluate(os.path.join(folder, "checkpoint_best.pt"), [f"{set_name}={data}:test"], progress=False)
     result = report["sets"][set_name]
     record = mark_finished(folder, "checkpoint_best.pt", input_sha256=pretrained_sha256, pretrained=name,
                            set=set_name, wer=result["wer"], cer=result["cer"], seconds=round(time.time() - start, 1))
@@ -376,28 +405,75 @@ def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str],
 class Progress:
     """Where a chain stands: stages done of its total, time elapsed, and the time left, estimated
     per kind of stage from the ones that ran in this sitting (pre-training per update, probes and
-    fine-tuning per run; skipped stages cost nothing and are not counted)."""
+    fine-tuning per run; skipped stages cost nothing and are not counted) over the chain's lanes."""
 
     def __init__(self, chain: Chain, work: Dict[str, float], stages: int) -> None:
         self.chain, self.left, self.total, self.done = chain, dict(work), stages, 0
         self.spent: Dict[str, List[float]] = {kind: [0.0, 0.0] for kind in work}  # seconds, work
-        self.start = self.last = time.time()
+        self.start = time.time()
+        self.lock = threading.Lock()
 
-    def step(self, kind: str, work: float = 1.0) -> None:
-        now = time.time()
-        if now - self.last > 1.0:  # ran, not skipped
-            self.spent[kind][0] += now - self.last
-            self.spent[kind][1] += work
-        self.left[kind] -= work
-        self.done, self.last = self.done + 1, now
-        known = [k for k, (seconds, done) in self.spent.items() if done]
-        left = sum(self.left[k] * self.spent[k][0] / self.spent[k][1] for k in known)
-        untimed = [k for k in self.left if self.left[k] > 0 and k not in known]
-        estimate = f", about {duration(left)} left" if known else ""
-        if known and untimed:
-            estimate += f" and the {', '.join(untimed)} stages, not yet timed"
-        print(f"{self.chain.tag} progress: {self.done}/{self.total} stages, {duration(now - self.start)} "
-              f"elapsed{estimate}", flush=True)
+    def step(self, kind: str, work: float, seconds: float) -> None:
+        """One stage of ``kind`` and ``work`` finished after running ``seconds``."""
+        with self.lock:
+            if seconds > 1.0:  # ran, not skipped
+                self.spent[kind][0] += seconds
+                self.spent[kind][1] += work
+            self.left[kind] -= work
+            self.done += 1
+            known = [k for k, (_, done) in self.spent.items() if done]
+            left = sum(self.left[k] * self.spent[k][0] / self.spent[k][1] for k in known) / self.chain.lanes
+            untimed = [k for k in self.left if self.left[k] > 0 and k not in known]
+            estimate = f", about {duration(left)} left" if known else ""
+            if known and untimed:
+                estimate += f" and the {', '.join(untimed)} stages, not yet timed"
+            print(f"{self.chain.tag} progress: {self.done}/{self.total} stages, {duration(time.time() - self.start)} "
+                  f"elapsed{estimate}", flush=True)
+
+
+@dataclass
+class Stage:
+    """One piece of a chain's work and the stages it waits for."""
+
+    name: str
+    run: Callable[[], None]
+    after: Tuple[str, ...] = ()
+    work: float = 1.0
+    """How long it runs, in any unit shared by the chain's stages: with several lanes, the ready
+    stage with the most work starts first, so that the longest string of runs starts early."""
+
+
+def run_stages(stages: List[Stage], lanes: int) -> None:
+    """Every stage once all those it waits for have finished, ``lanes`` at a time (threads: a
+    stage's heavy work is a fairseq process or holds IN_PROCESS). One lane runs them in list
+    order, which must then respect ``after``. Once an error is seen no stage starts; those
+    running finish (their work is kept for a rerun); then the error is raised."""
+    if lanes == 1:
+        for stage in stages:
+            stage.run()
+        return
+    pending, finished, running, error = list(stages), set(), {}, None
+    with concurrent.futures.ThreadPoolExecutor(lanes) as pool:
+        while True:
+            ready = [s for s in pending if set(s.after) <= finished] if error is None else []
+            while ready and len(running) < lanes:
+                stage = max(ready, key=lambda s: s.work)  # the first of the largest
+                ready.remove(stage)
+                pending.remove(stage)
+                running[pool.submit(stage.run)] = stage
+            if not running:
+                break
+            ended, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in ended:
+                stage = running.pop(future)
+                if future.exception() is None:
+                    finished.add(stage.name)
+                elif error is None:
+                    error = future.exception()
+    if error is not None:
+        raise error
+    if pending:
+        raise ReproduceError(f"stages wait for stages that do not exist: {', '.join(s.name for s in pending)}")
 
 
 def duration(seconds: float) -> str:
@@ -468,7 +544,8 @@ def pretrain_round1(chain: Chain) -> Dict[str, dict]:
 
 def run_chain(chain: Chain) -> dict:
     """All stages of one (preset, seed): pre-training runs with their gaps, then the probe and
-    fine-tuning of every checkpoint. Rounds >= 2 need the chain's α/β chosen (CHAIN_RATIO)."""
+    fine-tuning of every checkpoint, ``chain.lanes`` stages at a time. Rounds >= 2 need the
+    chain's α/β chosen (CHAIN_RATIO)."""
     from ..cli.probe import FBANK, Upstream
 
     _quiet(chain)
@@ -478,49 +555,85 @@ def run_chain(chain: Chain) -> dict:
                              "round 1 has finished")
     plan = plan_pretraining(chain.preset, chain.settings, ratio)
     sets = finetune_sets(chain.preset, chain.settings)
-    rows = len(plan) + bool(chain.settings.get("control"))
-    tuned = len(finetuned({n: None for n in [r.name for r in plan] + [CONTROL]}, chain.settings))
-    probed = (rows + fbank_probed(chain.settings)) * len(sets) if chain.settings.get("probe") else 0
+    control = bool(chain.settings.get("control"))
+    names = [n for r in plan for n in ([r.name, CONTROL] if r.name == "cssl.1" and control else [r.name])]
+    tuned = finetuned({n: None for n in names}, chain.settings)
+    probed = (len(names) + fbank_probed(chain.settings)) * len(sets) if chain.settings.get("probe") else 0
     updates = {r.name: float(r.schedule.get("max_update", 0)) for r in plan}
-    progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(bool(chain.settings.get("control"))),
-                                "probe": float(probed), "fine-tuning": float(tuned * len(sets))},
-                        rows + probed + tuned * len(sets))
+    progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(control),
+                                "probe": float(probed), "fine-tuning": float(len(tuned) * len(sets))},
+                        len(names) + probed + len(tuned) * len(sets))
     done: Dict[str, dict] = {}
-    for run in plan:
-        with stage(chain, run.name, os.path.join(chain.folder, run.name)):
-            done[run.name] = pretrain(chain, run, done)
-        progress.step("pre-training", updates[run.name])
-        if run.name == "cssl.1" and chain.settings.get("control"):
-            with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)):
-                done[CONTROL] = random_init(chain, done)
-            progress.step("control")
-    results = {}
+    trained: Dict[str, float] = {}
+    probes: Dict[str, Dict[str, dict]] = {}
+    tunes: Dict[str, Dict[str, dict]] = {}
     cache = os.path.join(chain.out, chain.preset, "features")
+
+    def timed(kind: str, work: float, function: Callable[[], None]) -> None:
+        start = time.time()
+        function()
+        progress.step(kind, work, time.time() - start)
+
+    def pretraining(run: PretrainRun) -> List[Stage]:
+        def fit() -> None:
+            with stage(chain, run.name, os.path.join(chain.folder, run.name)):
+                trained[run.name] = train(chain, run, done)
+
+        def finish() -> None:
+            start = time.time()
+            with stage(chain, run.name, os.path.join(chain.folder, run.name)), IN_PROCESS:
+                done[run.name] = finish_pretraining(chain, run, done, trained[run.name])
+            progress.step("pre-training", updates[run.name], trained[run.name] + time.time() - start)
+
+        passes = 1 + int(chain.settings.get("inner_steps", 1)) if run.ratio is not None else 1
+        source = (run.init_from,) if run.init_from else ()
+        return [Stage(f"train {run.name}", fit, source, updates[run.name] * passes),
+                Stage(run.name, finish, (f"train {run.name}", *source, *((run.twin,) if run.twin else ())), 0.0)]
+
+    def no_pretraining() -> None:
+        with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)), IN_PROCESS:
+            done[CONTROL] = random_init(chain, done)
+
+    def probe_all(name: str) -> None:
+        """Every set's probe of one checkpoint (or FBANK), its encoder loaded once."""
+        probes[name] = {}
+        record = done.get(name)
+        upstream = None
+        for s in sets:
+            start = time.time()
+            with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)), IN_PROCESS:
+                if upstream is None:
+                    upstream = Upstream(FBANK if record is None else os.path.join(chain.folder, name, record["checkpoint"]))
+                probes[name][s] = run_probe(chain, name, upstream, None if record is None else record["sha256"], s)
+            progress.step("probe", 1.0, time.time() - start)
+        if record is not None and not chain.settings["probe"].get("keep_features", False):
+            # Its features serve only its own probes, which have all finished: the cache stays bounded.
+            shutil.rmtree(os.path.join(cache, record["sha256"]), ignore_errors=True)
+
+    def finetune_one(name: str, s: str) -> None:
+        record = done[name]
+        with stage(chain, f"finetune {name}/{s}", os.path.join(chain.folder, "finetune", name, s)):
+            tunes.setdefault(name, {})[s] = finetune(chain, name, os.path.join(chain.folder, name, record["checkpoint"]),
+                                                     record["sha256"], s)
+
+    stages: List[Stage] = []
+    for run in plan:
+        stages += pretraining(run)
+        if run.name == "cssl.1" and control:
+            stages.append(Stage(CONTROL, lambda: timed("control", 1.0, no_pretraining), ("cssl.1",)))
     if fbank_probed(chain.settings):
-        fbank = Upstream(FBANK)
-        results["fbank"] = {"pretraining": None, "finetune": {}, "probe": {}}
-        for s in sets:
-            with stage(chain, f"probe fbank/{s}", os.path.join(chain.folder, "probe", "fbank", s)):
-                results["fbank"]["probe"][s] = run_probe(chain, "fbank", fbank, None, s)
-            progress.step("probe")
-    for name, record in done.items():
-        pretrained = os.path.join(chain.folder, name, record["checkpoint"])
-        results[name] = {"pretraining": record, "probe": {}, "finetune": {}}
-        if chain.settings.get("probe"):
-            upstream = Upstream(pretrained)
-            for s in sets:
-                with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)):
-                    results[name]["probe"][s] = run_probe(chain, name, upstream, record["sha256"], s)
-                progress.step("probe")
-            if not chain.settings["probe"].get("keep_features", False):
-                # Its features serve only its own probes, which have all finished: the cache stays bounded.
-                shutil.rmtree(os.path.join(cache, record["sha256"]), ignore_errors=True)
-    for name, record in finetuned(done, chain.settings).items():  # last: the probes rank the checkpoints sooner
-        pretrained = os.path.join(chain.folder, name, record["checkpoint"])
-        for s in sets:
-            with stage(chain, f"finetune {name}/{s}", os.path.join(chain.folder, "finetune", name, s)):
-                results[name]["finetune"][s] = finetune(chain, name, pretrained, record["sha256"], s)
-            progress.step("fine-tuning")
+        stages.append(Stage("probe fbank", lambda: probe_all("fbank")))
+    if chain.settings.get("probe"):
+        stages += [Stage(f"probe {n}", lambda n=n: probe_all(n), (n,)) for n in names]
+    stages += [Stage(f"finetune {n}/{s}", lambda n=n, s=s: timed("fine-tuning", 1.0, lambda: finetune_one(n, s)), (n,))
+               for n in tuned for s in sets]  # last: the probes rank the checkpoints sooner
+    run_stages(stages, chain.lanes)
+
+    results = {}
+    if "fbank" in probes:
+        results["fbank"] = {"pretraining": None, "finetune": {}, "probe": probes["fbank"]}
+    for name in names:
+        results[name] = {"pretraining": done[name], "probe": probes.get(name, {}), "finetune": tunes.get(name, {})}
     return results
 
 
