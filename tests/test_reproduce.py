@@ -688,7 +688,8 @@ def test_a_diverging_run_is_named_with_its_update(tmp_path):
 def test_stages_wait_for_theirs_and_the_longest_ready_starts_first():
     """run_stages on two lanes: two independent stages run at once (each waits for the other at
     a barrier), a stage starts only after those it waits for, the ready stage with the most work
-    takes a free lane first, and an error is raised once the stage running beside it has finished."""
+    ahead (its own and its longest string of waiting stages) takes a free lane first, and an
+    error is raised once the stage running beside it has finished."""
     import threading
 
     from eqssl.experiment.stages import Stage, run_stages
@@ -711,12 +712,15 @@ def test_stages_wait_for_theirs_and_the_longest_ready_starts_first():
         return Stage(name, body, tuple(after), work)
 
     def both_long_ones_started() -> None:
-        assert {"long", "longer"} <= set(started), started
+        assert {"long", "heads"} <= set(started), started
 
-    run_stages([stage("short", work=1, check=both_long_ones_started), stage("long", work=3, meet=True),
-                stage("longer", work=5, meet=True), stage("last", after=["short", "long"])], lanes=2)
-    assert set(ended) == {"short", "long", "longer", "last"} and ended[-1] == "last"
+    # "heads" is short itself but heads the longest string (heads, then after_it): it goes first
+    run_stages([stage("short", work=3, check=both_long_ones_started), stage("long", work=5, meet=True),
+                stage("heads", work=1, meet=True), stage("after_it", after=["heads"], work=9),
+                stage("last", after=["short", "long"])], lanes=2)
+    assert set(ended) == {"short", "long", "heads", "after_it", "last"}
     assert started.index("last") > max(ended.index("short"), ended.index("long"))
+    assert started.index("after_it") > ended.index("heads")
 
     started.clear(), ended.clear()
     together.reset()

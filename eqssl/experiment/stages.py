@@ -439,25 +439,45 @@ class Stage:
     run: Callable[[], None]
     after: Tuple[str, ...] = ()
     work: float = 1.0
-    """How long it runs, in any unit shared by the chain's stages: with several lanes, the ready
-    stage with the most work starts first, so that the longest string of runs starts early."""
+    """How long it runs, in any unit shared by the chain's stages (see :func:`run_stages`)."""
+
+
+def work_ahead(stages: List[Stage]) -> Dict[str, float]:
+    """Per stage, its work plus that of the longest string of stages waiting on it, one on the
+    next: the time the chain needs from its start at the least."""
+    waiting: Dict[str, List[Stage]] = {s.name: [] for s in stages}
+    for s in stages:
+        for name in s.after:
+            waiting.setdefault(name, []).append(s)
+    ahead: Dict[str, float] = {}
+
+    def of(stage: Stage) -> float:
+        if stage.name not in ahead:
+            ahead[stage.name] = stage.work + max((of(t) for t in waiting[stage.name]), default=0.0)
+        return ahead[stage.name]
+
+    for s in stages:
+        of(s)
+    return ahead
 
 
 def run_stages(stages: List[Stage], lanes: int) -> None:
     """Every stage once all those it waits for have finished, ``lanes`` at a time (threads: a
-    stage's heavy work is a fairseq process or holds IN_PROCESS). One lane runs them in list
-    order, which must then respect ``after``. Once an error is seen no stage starts; those
+    stage's heavy work is a fairseq process or holds IN_PROCESS); a free lane takes the ready
+    stage with the most work ahead (:func:`work_ahead`), so that the longest string of runs
+    starts first. One lane runs them in list order, which must then respect ``after``. Once an error is seen no stage starts; those
     running finish (their work is kept for a rerun); then the error is raised."""
     if lanes == 1:
         for stage in stages:
             stage.run()
         return
+    ahead = work_ahead(stages)
     pending, finished, running, error = list(stages), set(), {}, None
     with concurrent.futures.ThreadPoolExecutor(lanes) as pool:
         while True:
             ready = [s for s in pending if set(s.after) <= finished] if error is None else []
             while ready and len(running) < lanes:
-                stage = max(ready, key=lambda s: s.work)  # the first of the largest
+                stage = max(ready, key=lambda s: ahead[s.name])  # the first of the largest
                 ready.remove(stage)
                 pending.remove(stage)
                 running[pool.submit(stage.run)] = stage
