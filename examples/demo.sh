@@ -2,7 +2,7 @@
 # The main job on the embedded default: the experiment of README "Results" at its tiny size, one
 # seed and one round, with BEST-RQ (the paper's model), then a check of wav2vec 2.0's fairseq path.
 #
-#   bash examples/demo.sh [OUT]      (default OUT: runs/demo; about 10 minutes on 2 CPU cores)
+#   bash examples/demo.sh [OUT]      (default OUT: runs/demo; about 8 minutes on 2 CPU cores)
 #
 # 1. eqssl-reproduce synthesises the built-in corpus (multidomain preset: eSpeak NG English in four
 #    domains); pre-trains a tiny BEST-RQ with CSSL (CSSL.1) and again with half its budget (the
