@@ -98,7 +98,6 @@ def _child(request: dict, replies: int) -> None:
             handler.setStream(streams[id(handler.stream)])
     sys.stdout = sys.__stdout__ = streams[id(sys.stdout)]
     sys.stderr = sys.__stderr__ = streams[id(sys.stderr)]
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

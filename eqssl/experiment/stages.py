@@ -162,18 +162,19 @@ def pretrain_command(run: PretrainRun, data: str, save_dir: str, seed: int, init
 
 def pretrain(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> dict:
     """Stage: one pre-training run, then the equilibrium gap of its checkpoint."""
-    seconds = train(chain, run, done)
+    record, seconds = train(chain, run, done)
     with IN_PROCESS:
-        return finish_pretraining(chain, run, done, seconds)
+        return finish_pretraining(chain, run, done, record, seconds)
 
 
-def train(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> float:
-    """The fairseq run of a pre-training stage (needs ``done[run.init_from]``), unless the stage
-    finished before; its seconds."""
+def train(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> Tuple[Optional[dict], float]:
+    """The fairseq run of a pre-training stage (needs ``done[run.init_from]``): (the stage's
+    record if it finished before and still verifies, else None; the run's seconds)."""
     folder = os.path.join(chain.folder, run.name)
     source = done[run.init_from] if run.init_from else None
-    if finished(folder, source["sha256"] if source else None) is not None:
-        return 0.0
+    record = finished(folder, source["sha256"] if source else None)
+    if record is not None:
+        return record, 0.0
     os.makedirs(folder, exist_ok=True)
     start = time.time()
     init = os.path.join(chain.folder, run.init_from, source["checkpoint"]) if source else None
@@ -181,15 +182,16 @@ def train(chain: Chain, run: PretrainRun, done: Dict[str, dict]) -> float:
     print(f"{chain.tag} {run.name}: {run.label}{' from ' + run.init_from if run.init_from else ''}", flush=True)
     command = pretrain_command(run, os.path.join(chain.corpus, "pretrain"), folder, chain.seed, init)
     run_fairseq(command, os.path.join(folder, "train.log"), f"{chain.tag} {run.name}", max_update, chain.threads)
-    return time.time() - start
+    return None, time.time() - start
 
 
-def finish_pretraining(chain: Chain, run: PretrainRun, done: Dict[str, dict], seconds: float) -> dict:
-    """The rest of a pre-training stage once :func:`train` ran (needs ``done[run.twin]``): its
-    checkpoint's gap, accuracy and divergence from its twin, in its record."""
+def finish_pretraining(chain: Chain, run: PretrainRun, done: Dict[str, dict], record: Optional[dict],
+                       seconds: float) -> dict:
+    """The rest of a pre-training stage once :func:`train` gave ``record`` and ``seconds``
+    (needs ``done[run.twin]``): its checkpoint's gap, accuracy and divergence from its twin, in
+    its record; a finished stage's record, its divergence brought up to date."""
     folder = os.path.join(chain.folder, run.name)
     source = done[run.init_from] if run.init_from else None
-    record = finished(folder, source["sha256"] if source else None)
     if record is not None:
         print(f"{chain.tag} {run.name}: done, skipped ({record['num_updates']} updates)", flush=True)
         if run.twin and (record.get("divergence") or {}).get("twin_sha256") != done[run.twin]["sha256"]:
@@ -465,8 +467,9 @@ def run_stages(stages: List[Stage], lanes: int) -> None:
     """Every stage once all those it waits for have finished, ``lanes`` at a time (threads: a
     stage's heavy work is a fairseq process or holds IN_PROCESS); a free lane takes the ready
     stage with the most work ahead (:func:`work_ahead`), so that the longest string of runs
-    starts first. One lane runs them in list order, which must then respect ``after``. Once an error is seen no stage starts; those
-    running finish (their work is kept for a rerun); then the error is raised."""
+    starts first. One lane runs them in list order, which must then respect ``after``. Once an
+    error is seen no stage starts; those running finish (their work is kept for a rerun); then
+    the error is raised."""
     if lanes == 1:
         for stage in stages:
             stage.run()
@@ -584,7 +587,7 @@ def run_chain(chain: Chain) -> dict:
                                 "probe": float(probed), "fine-tuning": float(len(tuned) * len(sets))},
                         len(names) + probed + len(tuned) * len(sets))
     done: Dict[str, dict] = {}
-    trained: Dict[str, float] = {}
+    trained: Dict[str, Tuple[Optional[dict], float]] = {}
     probes: Dict[str, Dict[str, dict]] = {}
     tunes: Dict[str, Dict[str, dict]] = {}
     cache = os.path.join(chain.out, chain.preset, "features")
@@ -602,10 +605,10 @@ def run_chain(chain: Chain) -> dict:
         def finish() -> None:
             start = time.time()
             with stage(chain, run.name, os.path.join(chain.folder, run.name)), IN_PROCESS:
-                done[run.name] = finish_pretraining(chain, run, done, trained[run.name])
-            progress.step("pre-training", updates[run.name], trained[run.name] + time.time() - start)
+                done[run.name] = finish_pretraining(chain, run, done, *trained[run.name])
+            progress.step("pre-training", updates[run.name], trained[run.name][1] + time.time() - start)
 
-        passes = 1 + int(chain.settings.get("inner_steps", 1)) if run.ratio is not None else 1
+        passes = 1 + chain.settings["inner_steps"] if run.ratio is not None else 1
         source = (run.init_from,) if run.init_from else ()
         return [Stage(f"train {run.name}", fit, source, updates[run.name] * passes),
                 Stage(run.name, finish, (f"train {run.name}", *source, *((run.twin,) if run.twin else ())), 0.0)]
