@@ -148,10 +148,15 @@ class FrameEncoder(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in ENCODER_LAYERS)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        x = audio.unsqueeze(1)
+        # Each Conv1d runs as a height-1 conv2d on channels-last tensors, whose memory is (B, T, C):
+        # the per-frame LayerNorm then reads its channels contiguously and no layer copies its
+        # output between layouts (the copies were a quarter of a tiny model's update on CPU).
+        x = audio[:, None, None, :]  # (B, 1, 1, samples)
         for convolution, norm in zip(self.convolutions, self.norms):
-            x = F.relu(norm(convolution(x).transpose(1, 2))).transpose(1, 2)
-        return x.transpose(1, 2)
+            y = F.conv2d(x, convolution.weight.unsqueeze(2), stride=(1, convolution.stride[0]))
+            y = F.relu(norm(y.permute(0, 2, 3, 1)))  # (B, 1, T, C)
+            x = y.permute(0, 3, 1, 2)  # (B, C, 1, T), channels-last in memory
+        return y.squeeze(1)
 
 
 def causal_conv1d(convolution: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
