@@ -990,15 +990,18 @@ def test_reproduce_plans_and_composes_the_cpc_family(tmp_path, capsys):
     assert reproduce(["--model", "cpc", "--preset", "multilingual", "--size", "small", "--plan",
                       "--out", str(tmp_path / "plan")]) == 0
     table = capsys.readouterr().out
-    assert "| cssl.1 | 1 | scratch | cssl_cpc_tiny | 2000 | 0.001 |" in table
-    assert "| ptloc.1.r10 | 1 | cssl.1 | ptloc_cpc_tiny | 1600 | 0.0001 | 0.001 |" in table
+    assert "| cssl.1 | 1 | scratch | cssl_cpc_tiny | 600 | 0.001 |" in table
+    assert "| ptloc.1.r10 | 1 | cssl.1 | ptloc_cpc_tiny | 480 | 0.0001 | 0.001 |" in table
     assert not (tmp_path / "plan").exists()
     jobs, expected = {}, {}
     for size, model in (("tiny", "tiny"), ("small", "tiny"), ("full", "base")):
         settings = load_settings(size, "cpc")
         assert settings["finetune"]["recipe"].startswith("ctc_cpc_")
         plan = plan_pretraining("multilingual", settings)
-        assert [r.name for r in plan] == [r.name for r in plan_pretraining("multilingual", load_settings(size))]
+        names = [r.name for r in plan_pretraining("multilingual", load_settings(size))]
+        if size == "small":  # families.cpc's leaner round 1: one positive control, two ratios
+            names = [n for n in names if n not in ("cssl.1.x0.25", "ptloc.1.r30", "ptloc.1.r300")]
+        assert [r.name for r in plan] == names
         for run_ in (plan[0], next(r for r in plan if r.name == "ptloc.1.r10")):
             assert run_.recipe in (f"cssl_cpc_{model}", f"ptloc_cpc_{model}")
             assert not any("latent_temp" in o for o in run_.overrides)
