@@ -7,6 +7,8 @@
 writes ``OUT/pretrain/{shard}/{train,valid}.tsv`` (the ``equilibrium_pretraining`` layout),
 ``OUT/finetune/{name}/{train_10m,train_1h,dev,test}.{tsv,wrd,ltr}`` with ``dict.ltr.txt``, the
 audio as 16 kHz mono FLAC under ``OUT/audio/``, and ``OUT/corpus.json`` describing every set.
+Every split also gets its phone alignment, from eSpeak NG's phoneme events, as ``{split}.item``
+(ZeroSpeech item file) and ``{split}.phn`` (10 ms frame labels): eqssl.corpus.alignments.
 
 Deterministic: the same preset, size and seed give byte-identical files whatever ``--workers``.
 eSpeak NG carries state from one utterance to the next inside a process, so utterances are
@@ -30,7 +32,7 @@ import soxr
 from tqdm import tqdm
 
 from ..locking import LOCK_NAME, FolderLockedError, folder_lock
-from . import labels
+from . import alignments, labels
 from .domains import DOMAINS, apply_domain
 from .espeak import engine
 from .presets import (  # noqa: F401  (PresetError: the one error of a bad preset, a CorpusError)
@@ -40,6 +42,10 @@ from .presets import (  # noqa: F401  (PresetError: the one error of a bad prese
 from .text import sentence
 
 GENERATOR_VERSION = "1"
+# Still "1" with phone alignments: the audio is bit-identical with eSpeak NG's phoneme events on
+# (tests/test_alignments.py), and a new version would make claim_folder refuse every existing
+# corpus. A chunk recorded before alignments lacks "phones" instead, so chunk_is_complete sends it
+# back to synthesis, which rewrites the same files and adds the alignment.
 SAMPLE_RATE = 16000
 CHUNK = 8  # utterances per fresh process: fixes what eSpeak NG's carried-over state can be
 DICTIONARY_SPLITS = ("train_10m", "train_1h", "dev", "test")
@@ -64,15 +70,16 @@ def utterance_rng(seed: int, *keys) -> np.random.Generator:
 
 
 def speak(spec: SetSpec, rng: np.random.Generator, n_words: Tuple[int, int]) -> dict:
-    """One utterance of ``spec``: its text, speaker and clean 16 kHz audio."""
+    """One utterance of ``spec``: its text, speaker, clean 16 kHz audio and its phones
+    ((onset, offset, phone) in seconds: they survive resampling as they are)."""
     text = sentence(spec.language, int(rng.integers(n_words[0], n_words[1] + 1)), rng)
     voice = f"{spec.voices[rng.integers(len(spec.voices))]}+{spec.variants[rng.integers(len(spec.variants))]}"
     rate, pitch = int(rng.integers(140, 200)), int(rng.integers(30, 70))
     tts = engine()
     tts.set_random_seed(int(rng.integers(2**31)))
-    audio = tts.synthesise(text, voice, rate=rate, pitch=pitch)
+    audio, phones = tts.synthesise_aligned(text, voice, rate=rate, pitch=pitch)
     audio = soxr.resample(audio, tts.sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    return {"text": text, "voice": voice, "rate": rate, "pitch": pitch, "audio": audio}
+    return {"text": text, "voice": voice, "rate": rate, "pitch": pitch, "audio": audio, "phones": phones}
 
 
 def make_chunk(task: dict) -> dict:
@@ -88,8 +95,11 @@ def make_chunk(task: dict) -> dict:
         path = os.path.join(task["audio_root"], relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+        # Every domain keeps the clean clip's timing (telephone delays it by about 1 ms, meeting's
+        # direct sound stays in place: tests/test_alignments.py), so the clean alignment is the clip's.
+        phones = alignments.record_phones(utt["phones"], len(audio) / SAMPLE_RATE)
         rows.append({"path": relative, "samples": len(audio), "sha256": _sha256(path), "text": utt["text"],
-                     "voice": utt["voice"], "rate": utt["rate"], "pitch": utt["pitch"]})
+                     "voice": utt["voice"], "rate": utt["rate"], "pitch": utt["pitch"], "phones": phones})
     record = dict(task, rows=rows)
     _write_json_atomically(task["done_file"], record)
     return record
@@ -108,13 +118,16 @@ def _sha256(path: str) -> str:
 
 
 def chunk_is_complete(task: dict) -> bool:
-    """Finished and verified: its record exists and every file it lists has the recorded hash
-    (a truncated FLAC keeps a valid header, so its length alone proves nothing)."""
+    """Finished and verified: its record exists, has every row's phone alignment (a record made
+    before alignments has none: redone, into the same audio), and every file it lists has the
+    recorded hash (a truncated FLAC keeps a valid header, so its length alone proves nothing)."""
     if not os.path.isfile(task["done_file"]):
         return False
     with open(task["done_file"], encoding="utf-8") as f:
         rows = json.load(f)["rows"]
     for row in rows:
+        if "phones" not in row:
+            return False
         path = os.path.join(task["audio_root"], row["path"])
         if not os.path.isfile(path) or _sha256(path) != row.get("sha256"):
             return False
@@ -178,7 +191,8 @@ def claim_folder(out: str, settings: dict, legacy_ok: bool = False, write: bool 
 
 
 def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
-    """fairseq manifests (and labels for fine-tuning sets) from the chunk records."""
+    """fairseq manifests (and labels for fine-tuning sets) from the chunk records, and beside
+    every manifest its phone alignment (``{split}.item``, ``{split}.phn``)."""
     grouped: Dict[Tuple[str, str, str], List[dict]] = {}
     for record in records:
         grouped.setdefault((record["kind"], record["spec"]["name"], record["split"]), []).extend(record["rows"])
@@ -194,6 +208,8 @@ def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
             labels.write_labelled_split(folder, split, root, [
                 (r["path"], r["samples"], labels.normalise_transcript(r["text"], language)) for r in rows
             ])
+        alignments.write_alignments(folder, split, [(r["path"], r["samples"], r["voice"], r["phones"]) for r in rows],
+                                    SAMPLE_RATE)
         entry = summary.setdefault(f"{kind}/{name}", {"splits": {}})
         entry["splits"][split] = {
             "utterances": len(rows), "hours": round(sum(r["samples"] for r in rows) / SAMPLE_RATE / 3600, 4),
@@ -204,7 +220,6 @@ def write_manifests(out: str, records: List[dict]) -> Dict[str, dict]:
         if kind == "finetune":
             labels.write_letter_dictionary(os.path.join(out, kind, name), list(DICTIONARY_SPLITS))
     return summary
-
 
 
 def make_corpus(out: str, preset: str = "multidomain", size: str = "tiny", seed: int = 0,
