@@ -64,6 +64,7 @@ setup(
             "eqssl-train-spm=eqssl.cli.spm:main",
             "eqssl-evaluate=eqssl.cli.evaluate:main",
             "eqssl-probe=eqssl.cli.probe:main",
+            "eqssl-abx=eqssl.cli.abx:main",
             "eqssl-export=eqssl.cli.export:main",
             "eqssl-reproduce=eqssl.cli.reproduce:main",
         ]

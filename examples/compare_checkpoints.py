@@ -26,9 +26,10 @@ import os
 import subprocess
 import sys
 
-from eqssl.cli.evaluate import evaluate
+from eqssl.measures.evaluation import evaluate
 from eqssl.models.eq_wav2vec2 import save_random_init
-from eqssl.cli.probe import ProbeConfig, Upstream, probe
+from eqssl.measures.ctc_probe import ProbeConfig, probe
+from eqssl.measures.features import Upstream
 from eqssl.experiment.stages import finetune_command, new_path
 
 

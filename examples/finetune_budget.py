@@ -139,7 +139,7 @@ def budget_overrides(settings: dict, preset: str, budget: Sequence[str], seed: i
 def finetune_one(folder: str, recipe: str, set_folder: str, set_name: str, pretrained: str,
                  overrides: List[str], tag: str) -> dict:
     """One fine-tuning run and its test WER / CER; skipped when its result.json exists."""
-    from eqssl.cli.evaluate import evaluate
+    from eqssl.measures.evaluation import evaluate
 
     result_path = os.path.join(folder, "result.json")
     if os.path.exists(result_path):

@@ -33,7 +33,7 @@ from fairseq.trainer import Trainer
 from omegaconf import open_dict
 
 from eqssl.checkpoints import CheckpointError
-from eqssl.cli.evaluate import decode_set, greedy_decode, load_checkpoint, load_test_set
+from eqssl.measures.evaluation import decode_set, greedy_decode, load_checkpoint, load_test_set
 from eqssl.tasks.equilibrium_pretraining import batch_seed
 from eqssl.corpus.toy import make_corpus
 from eqssl.experiment.fairseq_log import validations
@@ -787,7 +787,7 @@ def test_gap_probe_and_control_take_a_bestrq_checkpoint(pretrained, corpus, mult
     Conformer blocks and leaves them bit-identical; the no-pre-training control is an eq_bestrq
     network of the same shape with fresh weights and the checkpoint's quantizer seed."""
     from eqssl.checkpoints import file_sha256
-    from eqssl.cli.probe import ProbeConfig, probe
+    from eqssl.measures.ctc_probe import ProbeConfig, probe
     from eqssl.models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint, save_random_init
 
     result = run(["eqssl-gap", corpus, pretrained, "--inner-steps", "1", "--inner-lr", "0.05", "--batches", "2",

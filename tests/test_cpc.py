@@ -799,7 +799,7 @@ def test_cpc_checkpoint_fine_tunes_with_ctc_and_is_evaluated(finetuned, capsys):
 
 
 def test_a_pretraining_checkpoint_given_to_evaluate_names_the_cpc_recipe(pretrained):
-    from eqssl.cli.evaluate import EvaluationError, load_checkpoint
+    from eqssl.measures.evaluation import EvaluationError, load_checkpoint
 
     with pytest.raises(EvaluationError, match=r"model 'eq_cpc'.*recipes/finetune/ctc_cpc_tiny.yaml"):
         load_checkpoint(str(pretrained[0]))
@@ -850,7 +850,7 @@ def test_exports_run_without_eqssl_and_fairseq_with_the_same_outputs(pretrained,
     decoding emits letters (not <pad> or </s>, which it drops, nor only word marks): 20 updates
     leave a CTC model emitting blanks only. --format hf refuses
     CPC by name."""
-    from eqssl.cli.evaluate import decode_set, load_checkpoint, load_test_set
+    from eqssl.measures.evaluation import decode_set, load_checkpoint, load_test_set
     from eqssl.cli.export import main as export
 
     ft_checkpoint, data, _ = finetuned
@@ -912,7 +912,7 @@ def test_standalone_greedy_transcript_decodes_as_eqssl_evaluate(multilingual_cor
     any emissions, frames whose best symbol is one of fairseq's specials (<pad>, </s>) included."""
     from fairseq.data import Dictionary
 
-    from eqssl.cli.evaluate import greedy_decode
+    from eqssl.measures.evaluation import greedy_decode
 
     dictionary = Dictionary.load(str(multilingual_corpus / "finetune" / "sv" / "dict.ltr.txt"))
     vocabulary = [dictionary[i] for i in range(len(dictionary))]

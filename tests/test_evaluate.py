@@ -16,7 +16,8 @@ import torch
 from fairseq.data import Dictionary
 
 from conftest import REPO, fairseq_train, run
-from eqssl.cli.evaluate import greedy_decode, main, score
+from eqssl.cli.evaluate import main
+from eqssl.measures.evaluation import greedy_decode, score
 
 TURKISH_I = "\u0130"  # İ, one code point (NFC)
 

@@ -20,7 +20,7 @@ import soundfile
 import torch
 
 from conftest import REPO, run
-from eqssl.cli.evaluate import POST_PROCESS, decode_set, greedy_decode, load_checkpoint, load_test_set
+from eqssl.measures.evaluation import POST_PROCESS, decode_set, greedy_decode, load_checkpoint, load_test_set
 from eqssl.cli.export import ExportError, main
 from eqssl.cli.export_hf import REFUSED, export_hf
 from test_bestrq import one_thread  # noqa: F401  (autouse: one thread per process)

@@ -7,7 +7,7 @@ import pytest
 from fairseq import checkpoint_utils
 
 from conftest import REPO, fairseq_train, run
-from eqssl.cli.evaluate import evaluate, greedy_decode
+from eqssl.measures.evaluation import evaluate, greedy_decode
 from eqssl.cli.spm import main as train_spm
 from eqssl.experiment.fairseq_log import validations
 

@@ -11,7 +11,8 @@ from conftest import REPO, run
 
 from eqssl.models.eq_wav2vec2 import build_from_checkpoint_config, load_pretraining_checkpoint, save_random_init
 from eqssl.checkpoints import file_sha256
-from eqssl.cli.probe import ProbeConfig, Upstream, probe
+from eqssl.measures.ctc_probe import ProbeConfig, probe
+from eqssl.measures.features import Upstream
 
 CFG = ProbeConfig(updates=20, batch_size=4, seed=3)
 

@@ -1,8 +1,15 @@
-"""Frozen-upstream probe: how much of a labelled set a pre-trained encoder's features already
-spell, with the encoder frozen (SUPERB's ASR protocol; the paper's "one linear layer + CTC").
+"""Frozen-upstream probes: how much of a labelled set a pre-trained encoder's features already
+spell, with the encoder frozen (SUPERB's ASR protocol; the paper's "one linear layer + CTC"), or,
+with ``--phones``, how linearly its frames separate phones (deterministic: no seed).
 
     eqssl-probe CHECKPOINT|fbank FOLDER [--train-split train_1h] [--test-split test]
         [--head linear|bilstm] [--updates 1500] [--seed 1] [--cache DIR] [--json OUT.json]
+    eqssl-probe CHECKPOINT|fbank FOLDER --phones [--layer N|all] [--train-split train_1h] [--test-split test]
+
+``--phones``: the phone probe of eqssl.measures.phone_probe, a closed-form ridge classifier of each
+frame's phone from one layer, fitted on the train split's ``SPLIT.phn`` labels (eqssl-make-corpus
+writes them from eSpeak NG's phoneme events) and scored as the frame phone error (%) on the test
+split, every layer or the one named by ``--layer``.
 
 The upstream is a pre-training checkpoint (wav2vec 2.0, eqssl's or stock fairseq's; BEST-RQ; CPC),
 or ``fbank``: 80 log-mel filterbanks per 10 ms, normalised per utterance (SUPERB's FBANK floor).
@@ -22,214 +29,15 @@ the test split, scored exactly as ``eqssl-evaluate`` scores fine-tuned models.
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import List, Optional
 
-import torch
-import torch.nn.functional as F
-
-from ..checkpoints import file_sha256
-
-FBANK = "fbank"
-
-
-@dataclass
-class ProbeConfig:
-    head: str = "linear"
-    """'linear' (the paper's one linear layer + CTC) or 'bilstm' (SUPERB's ASR downstream, small)."""
-    hidden: int = 128
-    """BiLSTM units per direction (bilstm head only)."""
-    updates: int = 1500
-    """Adam updates; fixed, the same for every upstream."""
-    batch_size: int = 16
-    """Clips per update."""
-    lr: float = 2e-3
-    seed: int = 1
-    train_split: str = "train_1h"
-    test_split: str = "test"
-    repeats: int = 1
-    """Heads trained from the same features with seeds seed, seed + 1000, ...; the WER and CER
-    reported are their mean (the head's own seed moves a probe's CER by several points)."""
-
-
-# ------------------------------------------------------------------ upstream features
-class Upstream:
-    """A frozen feature extractor: fbank, or a pre-training checkpoint's layers (wav2vec 2.0, BEST-RQ, CPC)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.key = FBANK if source == FBANK else file_sha256(source)
-
-    @functools.cached_property
-    def _network(self) -> tuple:
-        """(frozen model or None for fbank, whether it expects layer-normalised audio); loaded
-        on first use only, so that a probe whose features are all cached never loads it."""
-        if self.source == FBANK:
-            return None, False
-        from .gap import load_model
-
-        model, cfg = load_model(self.source, given_as="upstream ")
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        return model, bool(cfg["task"].get("normalize", False))
-
-    @property
-    def model(self):
-        return self._network[0]
-
-    @property
-    def normalize(self) -> bool:
-        return self._network[1]
-
-    @torch.no_grad()
-    def __call__(self, wav: torch.Tensor) -> torch.Tensor:
-        """(layers, frames, dim) features of one mono 16 kHz clip."""
-        if self.model is None:
-            import torchaudio
-
-            fbank = torchaudio.compliance.kaldi.fbank(wav.unsqueeze(0) * 32768, num_mel_bins=80,
-                                                      sample_frequency=16000, dither=0.0)
-            fbank = (fbank - fbank.mean(0)) / (fbank.std(0) + 1e-5)
-            return fbank.unsqueeze(0)
-        if self.normalize:
-            wav = F.layer_norm(wav, wav.shape)
-        out = self.model.extract_features(wav.unsqueeze(0), padding_mask=None, mask=False)
-        return torch.stack([x.squeeze(1) for x, *_ in out["layer_results"]])
-
-
-def cached_features(upstream: Upstream, folder: str, split: str, cache: str, audio: List[str]) -> List[torch.Tensor]:
-    """Per clip (layers, frames, dim) float16 features: from the cache, else computed and cached."""
-    from .evaluate import read_audio
-
-    folder_key = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:16]
-    path = os.path.join(cache, upstream.key, folder_key, f"{split}.pt")
-    if os.path.exists(path):
-        stored = torch.load(path)
-        if stored["audio"] == audio:
-            return stored["features"]
-    features = [upstream(read_audio(a, 16000, upstream.normalize)).to(torch.float16) for a in audio]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save({"source": upstream.source, "audio": audio, "features": features}, tmp)
-    os.replace(tmp, path)  # whole or absent
-    return features
-
-
-# ------------------------------------------------------------------ the probe
-class ProbeHead(torch.nn.Module):
-    """Softmax-weighted sum of the upstream's layers, then a CTC head."""
-
-    def __init__(self, layers: int, dim: int, letters: int, head: str, hidden: int) -> None:
-        super().__init__()
-        self.layer_weights = torch.nn.Parameter(torch.zeros(layers))
-        self.norm = torch.nn.LayerNorm(dim)
-        self.lstm = torch.nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True) \
-            if head == "bilstm" else None
-        self.output = torch.nn.Linear(2 * hidden if self.lstm is not None else dim, letters)
-
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(batch, layers, frames, dim) -> (batch, frames, letters) log-probabilities."""
-        weights = torch.softmax(self.layer_weights, 0)
-        x = self.norm((features * weights[None, :, None, None]).sum(1))
-        if self.lstm is not None:
-            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            x, _ = self.lstm(packed)
-            x, _ = torch.nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=features.size(2))
-        return torch.log_softmax(self.output(x), dim=-1)
-
-
-def _pad(features: List[torch.Tensor]) -> tuple:
-    lengths = torch.tensor([f.size(1) for f in features])
-    batch = torch.zeros(len(features), features[0].size(0), int(lengths.max()), features[0].size(2))
-    for i, f in enumerate(features):
-        batch[i, :, : f.size(1)] = f.float()
-    return batch, lengths
-
-
-def letters_of(words: str, dictionary) -> List[int]:
-    """fairseq's .ltr spelling of a transcript (letters, '|' after every word) as indices."""
-    return [dictionary.index(s) for s in list("|".join(words.split())) + ["|"]]
-
-
-def probe(upstream_source: str, folder: str, cfg: ProbeConfig, cache: str, name: str = "set",
-          upstream: Optional[Upstream] = None) -> dict:
-    """Train the probe on FOLDER's train split and score its test split; returns WER, CER and more."""
-    from fairseq.data import Dictionary
-
-    from .evaluate import EvaluationError, load_test_set, score
-
-    if not os.path.isfile(os.path.join(folder, "dict.ltr.txt")):
-        raise EvaluationError(f"folder {folder}: no dict.ltr.txt; expected a labelled set "
-                              "(SPLIT.tsv, SPLIT.wrd or .ltr, dict.ltr.txt)")
-    dictionary = Dictionary.load(os.path.join(folder, "dict.ltr.txt"))
-    train_set = load_test_set(name, folder, cfg.train_split, dictionary)
-    test_set = load_test_set(name, folder, cfg.test_split, dictionary)
-    upstream = upstream or Upstream(upstream_source)
-    train_x = cached_features(upstream, folder, cfg.train_split, cache, train_set.audio)
-    test_x = cached_features(upstream, folder, cfg.test_split, cache, test_set.audio)
-    targets = [torch.tensor(letters_of(r, dictionary)) for r in train_set.references]
-    heads = []
-    for repeat in range(cfg.repeats):
-        seed = cfg.seed + 1000 * repeat
-        head, losses = train_head(train_x, targets, len(dictionary), dictionary.bos(), cfg, seed)
-        hypotheses = decode(head, test_x, dictionary)
-        tail = losses[-max(1, cfg.updates // 10):]
-        heads.append((seed, head, hypotheses, score(test_set.references, hypotheses), sum(tail) / len(tail)))
-    _, head, hypotheses, result, final_loss = heads[0]
-    result.update(upstream=upstream_source, upstream_sha256=upstream.key, config=asdict(cfg),
-                  final_train_loss=final_loss, layer_weights=torch.softmax(head.layer_weights, 0).tolist(),
-                  examples=[{"reference": r, "hypothesis": h} for r, h in zip(test_set.references[:3], hypotheses[:3])])
-    if cfg.repeats > 1:  # the first head's counts and examples stay; WER and CER are the heads' mean
-        result["heads"] = [{"seed": seed, "wer": scored["wer"], "cer": scored["cer"], "final_train_loss": loss}
-                           for seed, _, _, scored, loss in heads]
-        for key in ("wer", "cer"):
-            result[key] = sum(h[key] for h in result["heads"]) / cfg.repeats
-    result["head_state"] = head.state_dict()
-    return result
-
-
-def train_head(train_x: List[torch.Tensor], targets: List[torch.Tensor], letters: int, blank: int,
-               cfg: ProbeConfig, seed: int) -> tuple:
-    """One probe head trained with CTC from cached features; (the head in eval mode, its losses)."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = ProbeHead(train_x[0].size(0), train_x[0].size(2), letters, cfg.head, cfg.hidden)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    warmup = max(1, cfg.updates // 10)  # linear warm-up over a tenth of the updates, then linear decay
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (cfg.updates - step) / max(1, cfg.updates - warmup))))
-    losses = []
-    for _ in range(cfg.updates):
-        chosen = torch.randperm(len(train_x), generator=generator)[: cfg.batch_size].tolist()
-        x, lengths = _pad([train_x[i] for i in chosen])
-        y = [targets[i] for i in chosen]
-        log_probs = head(x, lengths)
-        loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(y), lengths, torch.tensor([len(t) for t in y]),
-                          blank=blank, zero_infinity=True)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return head.eval(), losses
-
-
-def decode(head: ProbeHead, test_x: List[torch.Tensor], dictionary) -> List[str]:
-    """Greedy CTC transcripts of the test features, 32 clips at a time."""
-    from .evaluate import greedy_decode
-
-    hypotheses = []
-    with torch.no_grad():
-        for i in range(0, len(test_x), 32):
-            x, lengths = _pad(test_x[i: i + 32])
-            hypotheses += greedy_decode(head(x, lengths), dictionary, lengths.tolist(), progress=False)
-    return hypotheses
+from ..measures.ctc_probe import ProbeConfig, probe
+from ..measures.features import FBANK, Upstream
+from ..measures.phone_probe import phone_probe
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -242,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "eqssl", "features"))
     parser.add_argument("--json", help="write the result here (never overwritten)")
+    parser.add_argument("--phones", action="store_true",
+                        help="the deterministic phone probe (frame phone error per layer) instead of the CTC probe")
+    parser.add_argument("--layer", default="all", help="--phones: the layer to score, or 'all'")
     args = parser.parse_args(argv)
     cfg = ProbeConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if cfg.head not in ("linear", "bilstm"):
@@ -253,8 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.upstream != FBANK and not os.path.isfile(args.upstream):
         raise SystemExit(f"eqssl-probe: upstream {args.upstream}: no such file (a checkpoint, or 'fbank')")
     from ..checkpoints import CheckpointError
-    from .evaluate import EvaluationError
+    from ..measures.evaluation import EvaluationError
 
+    if args.phones:
+        return phones_main(args)
     try:
         result = probe(args.upstream, args.folder, cfg, args.cache)
     except (EvaluationError, CheckpointError) as error:
@@ -266,6 +79,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
+    return 0
+
+
+def phones_main(args: argparse.Namespace) -> int:
+    """eqssl-probe --phones: print (and --json) the frame phone error per layer."""
+    from ..checkpoints import CheckpointError
+    from ..data.manifests import DataError
+
+    if args.layer != "all" and not args.layer.isdigit():
+        raise SystemExit(f"eqssl-probe: --layer {args.layer}: a layer number (0, 1, ...) or 'all'")
+    layers = None if args.layer == "all" or args.upstream == FBANK else [int(args.layer)]
+    try:
+        upstream = Upstream(args.upstream)
+        result = phone_probe(upstream, args.folder, args.cache, args.train_split, args.test_split, layers)
+    except (DataError, CheckpointError, ValueError) as error:
+        raise SystemExit(f"eqssl-probe: {error}")
+    print(f"{args.upstream} on {args.folder}: phone probe fitted on {args.train_split}, frame phone error on "
+          f"{args.test_split} (frames every {1000 * upstream.frame_step:g} ms)")
+    print("| layer | frame phone error (%) | frames scored | phones |\n|---|---|---|---|")
+    for layer, r in result.items():
+        print(f"| {'fbank' if args.upstream == FBANK else layer} | {r['error']:.2f} | {r['frames']} | {r['phones']} |")
+    if args.json:
+        with open(args.json, "x") as f:
+            json.dump({"layers": {str(k): v for k, v in result.items()}}, f, indent=2)
     return 0
 
 
