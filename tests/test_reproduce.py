@@ -39,6 +39,7 @@ def experiment(multilingual_corpus, tmp_path_factory):
     settings["gap"]["batches"] = 2
     settings["finetune"].update(max_update=4, sets={"multilingual": SETS}, checkpoints=FINETUNED)
     settings["probe"].update(updates=5, batch_size=4)
+    settings["phones"]["sets"] = {"multilingual": SETS}
     settings["pretrain_overrides"] += ["common.log_interval=2"]  # training lines (the gradient change) in 6 updates
     path = out / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -58,6 +59,7 @@ def records(out):
     for name in ROWS:
         for s in SETS:
             found[f"probe {name}/{s}"] = json.loads((seed / "probe" / name / s / "eqssl_stage.json").read_text())
+            found[f"phones {name}/{s}"] = json.loads((seed / "phones" / name / s / "eqssl_stage.json").read_text())
     return found
 
 
@@ -74,6 +76,9 @@ def test_results_file_has_every_cell(experiment):
                 for metric in ("wer", "cer"):
                     cell = row[measure][s][metric]
                     assert math.isfinite(cell["mean"]) and cell["seeds"] == 1, (name, measure, s, metric)
+        for measure in ("abx_within", "abx_across", "phone_probe"):  # the primary measures, every row
+            cell = row[measure]["sv"]["error"]
+            assert 0 <= cell["mean"] <= 1 and cell["seeds"] == 1, (name, measure)
         if name == "fbank":
             assert row["finetune"] == {} and row["gap"] == {}
             continue
@@ -117,6 +122,17 @@ def test_results_file_has_every_cell(experiment):
         ("ptloc.1.r10", 10.0, "ptloc.1.off"), ("ptloc.1.r100", 100.0, "ptloc.1.off")]
     probe_delta = found["probe ptloc.1.r100/sv"]["cer"] - found["probe ptloc.1.off/sv"]["cer"]
     assert steps[1]["probe"]["cer_difference"] == pytest.approx(probe_delta)
+    abx_delta = (found["phones ptloc.1.r100/sv"]["layers"]["1"]["abx_across"]
+                 - found["phones ptloc.1.off/sv"]["layers"]["1"]["abx_across"])
+    assert 100 * steps[1]["abx_across"]["cer_difference"] == pytest.approx(abx_delta)
+    # ABX and the phone probe: every layer in the record, the settings' layer in the tables
+    record = found["phones cssl.1/sv"]
+    assert sorted(record["layers"]) == ["0", "1"]  # the settings' phones.layer is 1
+    cell = result["checkpoints"]["cssl.1"]["abx_across"]["sv"]["error"]["mean"]
+    assert 100 * cell == pytest.approx(record["layers"]["1"]["abx_across"])
+    assert list(found["phones fbank/sv"]["layers"]) == ["0"]
+    for title in ("ABX within speaker", "ABX across speakers", "phone probe"):
+        assert f"### multilingual: {title}, error (%) on the test sets" in table, title
     for e in steps:
         assert e["divergence"]["mean"] == pytest.approx(found[e["name"]]["divergence"]["value"]) and e["divergence"]["mean"] > 0
         assert 0 < e["gradient_change"]["mean"] < 10
@@ -128,7 +144,8 @@ def test_results_file_has_every_cell(experiment):
     seconds = result["seconds"]
     assert seconds["pretraining"] == pytest.approx(sum(found[n]["seconds"] for n in PRETRAINING + ["none"]))
     assert "Compute of multilingual (1 seed(s))" in table
-    assert "progress: 31/31 stages" in stdout
+    assert seconds["phones"] == pytest.approx(sum(found[f"phones {n}/sv"]["seconds"] for n in ROWS))
+    assert "progress: 45/45 stages" in stdout
 
 
 def test_one_chain_under_two_jobs_runs_its_independent_stages_side_by_side(experiment):
@@ -344,7 +361,7 @@ def test_a_changed_checkpoint_redoes_it_and_what_depends_on_it(experiment):
     after = records(out)
     redone = {name for name in after if after[name] != before[name]}
     assert redone == {"cssl.2", "ptloc.2", "ptloc.2.off", "ptloc.2/sv", "probe cssl.2/sv", "probe ptloc.2/sv",
-                      "probe ptloc.2.off/sv"}
+                      "probe ptloc.2.off/sv", "phones cssl.2/sv", "phones ptloc.2/sv", "phones ptloc.2.off/sv"}
     for name in ("cssl.1", "ptloc.1.r10", "cssl.1+2x", "cssl.1-temp", "cssl.2.twin", "ptloc.2.twin"):
         assert f"{name}: done, skipped" in again.stdout
     # Same seed, same start: the redone runs repeat the first ones exactly.
@@ -615,11 +632,47 @@ def test_two_seeds_give_paired_differences_and_their_detectable_size(experiment)
     table = markdown("multilingual", result)
     assert "| … paired (PTLOC.1 − twin and − pass-matched) | " in table and "mean ± sd over 2 seed(s)" in table
     summary = table[:table.index("did pre-training learn?")]
-    assert summary.startswith("### multilingual: summary, CER differences a − b in points (paired over 2 seed(s)")
+    assert summary.startswith("### multilingual: summary, differences a − b in points of each measure's error rate")
+    assert "paired over 2 seed(s)" in summary.splitlines()[0]
     assert f"| frozen-upstream probe: PTLOC.1 K=1 α/β=10 − twin | {100 * (delta - 0.01):+.1f}" in summary
     assert "| frozen-upstream probe: sensitive? (CSSL.1 beats ½ budget beyond the paired MDD) | sensitive |" in summary
     assert f"| frozen-upstream probe: paired MDD (PTLOC.1 − twin and − pass-matched, smallest α/β) | {100 * found['paired_mdd']:.1f} (" in summary
     assert "| full fine-tuning: CSSL.1 − random init |" in summary
+
+
+def test_controls_only_plans_the_positive_control_and_judges_it_by_its_own_spread(experiment):
+    """--controls-only: CSSL.1 and its budget fractions alone, no fine-tuning; with no PTLOC pair,
+    a measure's paired MDD comes from the positive control's own pair (two seeds, constructed
+    shifts on the finished seed's ABX records)."""
+    import copy
+
+    from eqssl.experiment.plan import load_settings, plan_pretraining, resolve_presets
+    from eqssl.experiment.report import aggregate, markdown
+    from eqssl.experiment.stages import Chain, collect_chain, finetuned
+    from eqssl.experiment.statistics import minimum_detectable_difference
+
+    out, _, _ = experiment
+    settings = load_settings(str(out / "settings.yaml"))
+    settings["preset_files"] = resolve_presets(["multilingual"], settings)
+    full = collect_chain(Chain("multilingual", 1, str(out), settings, 1))
+    settings.update(controls_only=True, rounds=1, rounds_by_preset={}, probe=None)
+    assert [r.name for r in plan_pretraining("multilingual", settings)] == ["cssl.1", "cssl.1.x0.5"]
+    assert finetuned({"cssl.1": {}, "none": {}}, settings) == {}
+    first = {n: full[n] for n in ("fbank", "cssl.1", "none", "cssl.1.x0.5")}
+    second = copy.deepcopy(first)
+    for name, shift in (("cssl.1", 0.0), ("cssl.1.x0.5", 0.02)):
+        second[name]["abx_across"]["sv"]["error"] = first["cssl.1"]["abx_across"]["sv"]["error"] + 0.05 + shift
+    for name, shift in (("cssl.1", 0.0), ("cssl.1.x0.5", 0.03)):
+        first[name]["abx_across"]["sv"]["error"] = first["cssl.1"]["abx_across"]["sv"]["error"] + shift
+    result = aggregate("multilingual", settings, {1: first, 2: second})
+    found = result["detectable"]["abx_across"]["sv"]["error"]
+    assert found["positive_control"]["mean"] == pytest.approx(-0.025)  # CSSL.1 − ½ budget: −0.03, −0.02
+    assert found["paired_mdd"] == pytest.approx(minimum_detectable_difference(found["positive_control"]["sd"], 2,
+                                                                              paired=True))
+    assert found["paired_mdd_from"] == "the positive control's own pair"
+    table = markdown("multilingual", result)
+    assert "| ABX across speakers: paired MDD (the positive control's own pair) |" in table
+    assert "| ABX across speakers: CSSL.1 − ½ budget |" in table
 
 
 def test_the_floors_line_on_constructed_numbers():

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: print every pre-training run of a seed (start, updates, learning rates "
                         "and their sum) and the protocol's proportions beside the paper's")
+    parser.add_argument("--controls-only", action="store_true",
+                        help="round 1's positive-control part alone: CSSL.1, its budget fractions "
+                        "(positive_control), random init and FBANK, measured by ABX and the phone probe only "
+                        "(the CTC probe and fine-tuning, secondary and dearest, are left to the full run): "
+                        "does each measure see a known difference (docs/results.md)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: tabulate the seeds whose every stage has finished")
     return parser
@@ -49,6 +54,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("eqssl-reproduce: --seeds and --jobs must be at least 1")
     try:
         settings = load_settings(args.size, args.model)
+        if args.controls_only:
+            if not settings.get("phones") or not settings.get("positive_control"):
+                raise ReproduceError(f"{settings['path']}: --controls-only needs the phones and positive_control "
+                                     "fields (the measures and the known worse models)")
+            settings.update(controls_only=True, rounds=1, rounds_by_preset={}, probe=None)
         settings["preset_files"] = resolve_presets(args.preset, settings)
         args.preset = list(dict.fromkeys(preset_name(p) for p in args.preset))
         names = {CONTROL}

@@ -140,6 +140,11 @@ def check_settings(path: str, settings: dict) -> None:
                                  f"({'; '.join(f'{k}: {PROPORTION_FIELDS[k]}' for k in absent)})")
         if not 0 < float(settings["ptloc"].get("warmup", 0)) + float(found["ptloc_decay"]) < 1:
             raise ReproduceError(f"{path}: ptloc.warmup + proportions.{kind}.ptloc_decay must be in (0, 1)")
+    phones = settings.get("phones")
+    if phones is not None:
+        if not isinstance(phones, dict) or not isinstance(phones.get("layer"), int) or phones["layer"] < 0:
+            raise ReproduceError(f"{path}: phones.layer: the encoder layer that ABX and the phone probe score "
+                                 f"(an integer >= 0, fixed before any PTLOC comparison), got {phones!r}")
     for fraction in settings.get("positive_control") or []:
         if not 0 < fraction < 1:
             raise ReproduceError(f"{path}: positive_control: fractions of CSSL.1's budget in (0, 1), got {fraction!r}")
@@ -182,7 +187,15 @@ def schedule_overrides(schedule: Dict[str, float]) -> List[str]:
 def plan_pretraining(preset: str, settings: dict, chain_ratio: Optional[float] = None) -> List[PretrainRun]:
     """Every pre-training run of one seed, in an order where each run's start (and a PTLOC run's
     twin) exists before it. Rounds r >= 2 run PTLOC at ``chain_ratio``, which the α rule picks
-    from round 1 (choose_chain_ratio); without it they are left out, unless one ratio is set."""
+    from round 1 (choose_chain_ratio); without it they are left out, unless one ratio is set.
+    With ``controls_only``: CSSL.1 and its positive controls alone (eqssl-reproduce --controls-only)."""
+    runs = _plan_pretraining(preset, settings, chain_ratio)
+    if settings.get("controls_only"):
+        runs = [r for r in runs if r.name == "cssl.1" or r.name.startswith("cssl.1.x")]
+    return runs
+
+
+def _plan_pretraining(preset: str, settings: dict, chain_ratio: Optional[float] = None) -> List[PretrainRun]:
     family = settings.get("family", "wav2vec2")
     model = FAMILIES[family] + str(settings["model"])
     ptloc, gap, k = settings["ptloc"], settings["gap"], settings["inner_steps"]
@@ -349,6 +362,25 @@ def finetune_sets(preset: str, settings: dict) -> Dict[str, bool]:
                                  f"the preset has {', '.join(sets)}")
         sets = {s: sets[s] for s in chosen}
     return sets
+
+
+def phone_sets(preset: str, settings: dict) -> Dict[str, bool]:
+    """The sets of ABX and the phone probe (``phones``; none without it): ``phones.sets.<preset>``,
+    by default every labelled set of the preset (they cost little: docs/results.md)."""
+    if not settings.get("phones"):
+        return {}
+    every = {spec.name: spec.seen for spec in preset_sets(preset, settings).finetune}
+    chosen = (settings["phones"].get("sets") or {}).get(preset) or list(every)
+    unknown = [s for s in chosen if s not in every]
+    if unknown:
+        raise ReproduceError(f"{settings['path']}: phones.sets.{preset}: unknown set(s) {unknown}; "
+                             f"the preset has {', '.join(every)}")
+    return {s: every[s] for s in chosen}
+
+
+def measured_sets(preset: str, settings: dict) -> Dict[str, bool]:
+    """Every set the experiment measures anything on: the fine-tuning sets and the phone sets."""
+    return {**finetune_sets(preset, settings), **phone_sets(preset, settings)}
 
 
 def resolve_presets(values: Sequence[str], settings: dict) -> Dict[str, str]:

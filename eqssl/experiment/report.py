@@ -6,11 +6,19 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
-from .plan import COMPARISONS, CONTROL, FBANK_LABEL, finetune_sets, pretraining_kind
+from .plan import COMPARISONS, CONTROL, FBANK_LABEL, measured_sets, pretraining_kind
 from .statistics import (mean, minimum_detectable_difference, paired_difference, seeds_needed, spearman,
                          summarise)
 
-MEASURES = {"probe": "frozen-upstream probe", "finetune": "full fine-tuning"}
+MEASURES = {"abx_within": "ABX within speaker", "abx_across": "ABX across speakers",
+            "phone_probe": "phone probe", "probe": "frozen-upstream probe", "finetune": "full fine-tuning"}
+"""Every measure of a checkpoint on a set, the primary ones first (docs/results.md "The measures")."""
+
+METRIC = {"abx_within": "error", "abx_across": "error", "phone_probe": "error", "probe": "cer", "finetune": "cer"}
+"""The score of each measure that the tables compare (a fraction; lower is better): ABX error,
+frame phone error, and the letter measures' CER (their WER is tabulated beside it)."""
+
+UNIT = {"error": "error", "cer": "CER"}
 
 
 PAPER_GAINS = {"multi-domain": (0.045, 0.30), "multilingual": (0.008, 0.034)}
@@ -59,31 +67,32 @@ def mean_gap(record: dict) -> float:
 
 def stage_seconds(per_seed: Dict[int, dict]) -> Dict[str, float]:
     """Seconds the finished stages took (their records), summed over seeds, per kind of stage."""
-    total = {"pretraining": 0.0, "probe": 0.0, "finetune": 0.0}
+    total = {"pretraining": 0.0, "phones": 0.0, "probe": 0.0, "finetune": 0.0}
     for results in per_seed.values():
         for row in results.values():
             if row["pretraining"]:
                 total["pretraining"] += row["pretraining"].get("seconds") or 0.0
-            for measure in ("probe", "finetune"):
-                total[measure] += sum(r.get("seconds") or 0.0 for r in row[measure].values())
+            for stage in ("phones", "probe", "finetune"):
+                total[stage] += sum(r.get("seconds") or 0.0 for r in (row.get(stage) or {}).values())
     return total
 
 
 def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict) -> dict:
     """Differences paired by seed (CER, gap), the gap against downstream CER, and the step-size sweep."""
     seeds = sorted(per_seed)
-    sets = finetune_sets(preset, settings)
+    sets = measured_sets(preset, settings)
     comparisons = {measure: [] for measure in MEASURES}
     gap_differences = []
     for a, b, kind in comparison_pairs(table):
         for measure in MEASURES:
             cells = {}
+            metric = METRIC[measure]
             for s in sets:
                 if s in table[a][measure] and s in table[b][measure]:
-                    cells[s] = paired_difference([per_seed[n][a][measure][s]["cer"] for n in seeds],
-                                                 [per_seed[n][b][measure][s]["cer"] for n in seeds])
+                    cells[s] = paired_difference([per_seed[n][a][measure][s][metric] for n in seeds],
+                                                 [per_seed[n][b][measure][s][metric] for n in seeds])
             if cells:
-                comparisons[measure].append({"a": a, "b": b, "kind": kind, "cer": cells})
+                comparisons[measure].append({"a": a, "b": b, "kind": kind, metric: cells})
         if kind in ("constraint", "pass-matched", "twin chain"):
             records = {name: [per_seed[n][name]["pretraining"] for n in seeds] for name in (a, b)}
             shards = {shard: paired_difference([r["gap"][shard]["gap"] for r in records[a]],
@@ -95,10 +104,11 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
     # Does a lower gap go with better downstream scores? Every pre-trained row (not random weights).
     gap_vs_cer = {}
     for measure in MEASURES:
+        pretrained = {name: row for name, row in table.items() if name != CONTROL and row["gap"]}
+        common = [s for s in sets if pretrained and all(s in row[measure] for row in pretrained.values())]
         points = [(name, mean(mean_gap(per_seed[n][name]["pretraining"]) for n in seeds),
-                   mean(row[measure][s]["cer"]["mean"] for s in sets))
-                  for name, row in table.items()
-                  if name != CONTROL and row["gap"] and all(s in row[measure] for s in sets)]
+                   mean(row[measure][s][METRIC[measure]]["mean"] for s in common))
+                  for name, row in pretrained.items() if common]
         gap_vs_cer[measure] = {"rows": [{"name": n, "gap": g, "cer": c} for n, g, c in points],
                                "spearman": spearman([p[1] for p in points], [p[2] for p in points])}
     # The inner step: every round-1 PTLOC ratio against the same twin.
@@ -114,7 +124,8 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
             entry.update(against=twin["b"], gap_difference=twin["gap"]["mean"]["mean"],
                          loss_difference=twin["loss_at_theta"]["mean"])
             for measure in MEASURES:
-                cells = next((c["cer"] for c in comparisons[measure] if c["a"] == name and c["kind"] == "constraint"), {})
+                cells = next((c[METRIC[measure]] for c in comparisons[measure]
+                              if c["a"] == name and c["kind"] == "constraint"), {})
                 if cells:
                     entry[measure] = {"cer_difference": mean(c["mean"] for c in cells.values()), "sets": len(cells)}
         sweep.append(entry)
@@ -127,7 +138,7 @@ def analyse(preset: str, settings: dict, per_seed: Dict[int, dict], table: dict)
 def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
     """One preset's results: per row (checkpoint, FBANK), per measure and set, WER and CER over
     seeds with the minimum detectable difference; gaps, validation accuracy, passes."""
-    sets = finetune_sets(preset, settings)
+    sets = measured_sets(preset, settings)
     seeds = sorted(per_seed)
     first = per_seed[seeds[0]]
     table = {}
@@ -137,7 +148,7 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
         record = pretraining[0] or {}
         row = {"label": label, "round": record.get("round"), "ratio": record.get("ratio"),
                "against": dict(record.get("against") or {}), "init_from": record.get("init_from"),
-               "schedule": record.get("schedule") or {}, "probe": {}, "finetune": {}, "gap": {},
+               "schedule": record.get("schedule") or {}, **{measure: {} for measure in MEASURES}, "gap": {},
                "valid_accuracy": {}, "chance": None, "passes": {}, "num_updates": {},
                "divergence": None, "gradient_change": None, "warnings": []}
         if name == "cssl.1" and CONTROL not in first:
@@ -146,8 +157,8 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             for set_name in sets:
                 cells = [per_seed[s][name][measure].get(set_name) for s in seeds]
                 if all(c is not None for c in cells):
-                    row[measure][set_name] = {"wer": summarise([c["wer"] for c in cells]),
-                                              "cer": summarise([c["cer"] for c in cells])}
+                    row[measure][set_name] = {metric: summarise([c[metric] for c in cells])
+                                              for metric in ("wer", METRIC[measure]) if metric in cells[0]}
         if pretraining[0]:
             for shard in pretraining[0]["gap"]:
                 row["gap"][shard] = {key: summarise([r["gap"][shard][key] for r in pretraining])
@@ -169,8 +180,9 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
         detectable[measure] = {}
         for set_name in sets:
             detectable[measure][set_name] = {}
-            for metric in ("wer", "cer"):
-                sds = [row[measure][set_name][metric]["sd"] for row in table.values() if set_name in row[measure]]
+            for metric in ("wer", METRIC[measure]):
+                sds = [row[measure][set_name][metric]["sd"] for row in table.values()
+                       if metric in row[measure].get(set_name, {})]
                 if not sds:
                     continue
                 pooled = math.sqrt(mean(sd ** 2 for sd in sds))
@@ -184,17 +196,22 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
     analysis = analyse(preset, settings, per_seed, table)
     for measure in MEASURES:
         for set_name in sets:
-            found = detectable[measure][set_name].get("cer")
+            metric = METRIC[measure]
+            found = detectable[measure][set_name].get(metric)
             # PTLOC and its matched CSSL share their seed's CSSL.1 and probe or fine-tuning seed:
             # the spread of their paired differences, not of each row, limits what can be seen.
             # The sweep's pairs stay out: a step size that breaks the model would inflate the spread.
-            sds = [c["cer"][set_name]["sd"] for c in analysis["comparisons"][measure]
-                   if pooled_kinds_pair(table, c["a"], c["kind"]) and set_name in c["cer"]]
-            control = next((c["cer"].get(set_name) for c in analysis["comparisons"][measure]
+            sds = [c[metric][set_name]["sd"] for c in analysis["comparisons"][measure]
+                   if pooled_kinds_pair(table, c["a"], c["kind"]) and set_name in c[metric]]
+            control = next((c[metric].get(set_name) for c in analysis["comparisons"][measure]
                             if c["kind"] == "½ budget"), None)
             if found:
                 found["positive_control"] = control
                 found["sensitivity"] = sensitivity(control, math.nan)
+            own = False
+            if found and not sds and control is not None and math.isfinite(control["sd"]):
+                # no PTLOC pair ran (--controls-only): the positive control's own paired spread
+                sds, own = [control["sd"]], True
             if not found or not sds:
                 continue
             pooled = math.sqrt(mean(sd ** 2 for sd in sds))
@@ -202,7 +219,9 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
             reference = found["cssl1_mean"]
             found.update(paired_sd=pooled, paired_mdd=mdd, paired_mdd_relative=mdd / reference if reference else math.nan,
                          paired_seeds_for_5_percent_relative=seeds_needed(pooled, 0.05 * reference, paired=True)
-                         if reference and pooled > 0 else None, sensitivity=sensitivity(control, mdd))
+                         if reference and pooled > 0 else None, sensitivity=sensitivity(control, mdd),
+                         paired_mdd_from="the positive control's own pair" if own else
+                         "PTLOC.1 − twin and − pass-matched, smallest α/β")
     return {"sets": sets, "seeds": seeds, "checkpoints": table, "detectable": detectable,
             "family": settings.get("family", "wav2vec2"), **analysis}
 
@@ -231,30 +250,51 @@ def learning_verdict(cssl1: dict, chance: float, family: str = "wav2vec2") -> st
             "curves\"): eqssl-reproduce --preset multidomain multilingual --size small --seeds 3 --jobs 2 --out runs/small")
 
 
+KNOWN_NOISE = {"abx_within": 0.0, "abx_across": 0.0, "phone_probe": 0.0, "probe": 0.015, "finetune": 0.007}
+"""What a measure moves by on its own with one seed (fraction): none for ABX and the phone probe
+(deterministic: the same checkpoint gives the same number); for the CTC probe the smallest spread
+of FBANK's CER over probe seeds (1.5 points), for fine-tuning its smallest paired sd over seeds
+(0.7 points; docs/results.md). Within it, or within the printed rounding, two rows tie."""
+
+
 def floors_line(result: dict, measure: str) -> str:
-    """One sentence: on which sets CSSL.1's CER beats both floors of ``measure`` (FBANK features,
-    the probe only, and random weights), and by how much it misses where it does not."""
+    """One sentence: on which sets CSSL.1 beats both floors of ``measure`` (FBANK features and
+    random weights), on which it ties one (a difference within the printed rounding or, with one
+    seed, the measure's known noise), and by how much it misses where it does neither."""
     rows = result["checkpoints"]
     mine = (rows.get("cssl.1") or {}).get(measure) or {}
     floors = {("FBANK" if row["label"] == FBANK_LABEL else "random init"): row[measure]
               for name, row in rows.items() if (name == CONTROL or row["label"] == FBANK_LABEL) and row[measure]}
     if not mine or not floors:
         return ""
-    beats, misses = [], []
+    seeds = len(result["seeds"])
+    noise = KNOWN_NOISE.get(measure, 0.0) if seeds == 1 else 0.0
+    beats, ties, misses = [], [], []
     for set_name in result["sets"]:
         if set_name not in mine or not all(set_name in f for f in floors.values()):
             continue
-        cer = 100 * mine[set_name]["cer"]["mean"]
-        others = {label: 100 * f[set_name]["cer"]["mean"] for label, f in floors.items()}
+        metric = METRIC[measure]
+        cer = 100 * mine[set_name][metric]["mean"]
+        others = {label: 100 * f[set_name][metric]["mean"] for label, f in floors.items()}
         text = f"{set_name} ({cer:.1f} against " + ", ".join(f"{label} {v:.1f}" for label, v in others.items()) + ")"
-        (beats if all(cer < v for v in others.values()) else misses).append(text)
-    seeds = len(result["seeds"])
-    line = f"Against the floors ({MEASURES[measure]}, CER %): CSSL.1 beats " + " and ".join(floors) + " on "
+        tied = [f"{v:.1f}" == f"{cer:.1f}" or abs(v - cer) <= 100 * noise for v in others.values()]
+        if any(tied):
+            ties.append(text)
+        else:
+            (beats if all(cer < v for v in others.values()) else misses).append(text)
+    line = (f"Against the floors ({MEASURES[measure]}, {UNIT[METRIC[measure]]} %): CSSL.1 beats "
+            + " and ".join(floors) + " on ")
     line += ", ".join(beats) if beats else "no set"
+    if ties:
+        line += ("; ties on " + ", ".join(ties) + " (within the printed rounding"
+                 + (f" or the measure's own noise with one seed, {100 * noise:.1f} points" if noise else "") + ")")
     if misses:
         line += "; not on " + ", ".join(misses) + (
             ": with one seed nothing says whether that is the measure's noise or a worse model (run --seeds 3)"
             if seeds == 1 else ": see the differences below for whether the miss is beyond the seeds' spread")
+    if seeds == 1 and noise == 0.0:
+        line += (". The measure is deterministic (no noise of its own), but one pre-training seed still is: "
+                 "another seed's CSSL.1 would score differently")
     return line + "."
 
 
@@ -274,8 +314,8 @@ PTLOC_KINDS = ("constraint", "pass-matched", "twin chain", "vs CSSL.1", "vs CSSL
 def _pair_mdd(result: dict, measure: str, pair: dict, set_name: str) -> float:
     """The MDD a pair's difference is judged by: the rows' pooled one against random init, the
     pooled paired one for the pooled pairs and the positive control, the pair's own otherwise."""
-    d = pair["cer"][set_name]
-    found = result["detectable"][measure][set_name]["cer"]
+    d = pair[METRIC[measure]][set_name]
+    found = result["detectable"][measure][set_name][METRIC[measure]]
     if pair["kind"] == "pre-training":
         return found["mdd"]
     if pair["kind"] in ("½ budget", "¼ budget") or pooled_kinds_pair(result["checkpoints"], pair["a"], pair["kind"]):
@@ -287,16 +327,17 @@ def _difference_cell(result: dict, measure: str, pair: dict, set_name: str, rela
     """One paired CER difference in points, * where |Δ| exceeds its MDD (_pair_mdd), with the
     change relative to b and the 95 % interval; a PTLOC comparison on a set the measure is not
     sensitive on is marked so and never starred."""
-    d = pair["cer"].get(set_name)
+    metric = METRIC[measure]
+    d = pair[metric].get(set_name)
     if d is None:
         return "–"
     mdd = _pair_mdd(result, measure, pair, set_name)
-    verdict = result["detectable"][measure][set_name]["cer"].get("sensitivity", UNDETERMINED)
+    verdict = result["detectable"][measure][set_name][metric].get("sensitivity", UNDETERMINED)
     judged = pair["kind"] not in PTLOC_KINDS or verdict == SENSITIVE
     star = "*" if judged and math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
     cell = f"{100 * d['mean']:+.1f}{star}"
     if relative:
-        cell += f" ({100 * d['mean'] / result['checkpoints'][pair['b']][measure][set_name]['cer']['mean']:+.0f} %)"
+        cell += f" ({100 * d['mean'] / result['checkpoints'][pair['b']][measure][set_name][metric]['mean']:+.0f} %)"
     if math.isfinite(d["low"]):
         cell += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
     if pair["kind"] in PTLOC_KINDS and verdict == INSENSITIVE:
@@ -318,9 +359,19 @@ def _difference_lines(result: dict, measure: str, heads: List[str]) -> List[str]
 def _sensitivity_line(result: dict, measure: str, title: str) -> str:
     cells = []
     for s in result["sets"]:
-        found = result["detectable"][measure][s].get("cer") or {}
+        found = result["detectable"][measure][s].get(METRIC[measure]) or {}
         cells.append(found.get("sensitivity", UNDETERMINED) if found.get("positive_control") else "– (no ½-budget run)")
     return f"| {title}: sensitive? (CSSL.1 beats ½ budget beyond the paired MDD) | " + " | ".join(cells) + " |"
+
+
+def _mdd_source(result: dict, measure: str) -> str:
+    """Which pairs' spread gives a measure's paired MDD (the PTLOC pairs, or without them the
+    positive control's own pair)."""
+    for s in result["sets"]:
+        found = result["detectable"][measure][s].get(METRIC[measure]) or {}
+        if found.get("paired_mdd_from"):
+            return found["paired_mdd_from"]
+    return "PTLOC.1 − twin and − pass-matched, smallest α/β"
 
 
 def _summary_lines(preset: str, result: dict, heads: List[str]) -> List[str]:
@@ -344,16 +395,16 @@ def _summary_lines(preset: str, result: dict, heads: List[str]) -> List[str]:
                 lines.append(_sensitivity_line(result, measure, title))
         cells = []
         for s in sets:
-            found = result["detectable"][measure][s].get("cer") or {}
+            found = result["detectable"][measure][s].get(METRIC[measure]) or {}
             mdd = found.get("paired_mdd", math.nan)
             cells.append(f"{100 * mdd:.1f} ({100 * found['paired_mdd_relative']:.0f} %)" if math.isfinite(mdd) else "n/a")
-        lines.append(f"| {title}: paired MDD (PTLOC.1 − twin and − pass-matched, smallest α/β) | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {title}: paired MDD ({_mdd_source(result, measure)}) | " + " | ".join(cells) + " |")
         lines.append(_paper_gain_line(result, measure, prefix=f"{title}: "))
     if not lines:
         return []
     seeds = len(result["seeds"])
-    lines = [f"### {preset}: summary, CER differences a − b in points (paired over {seeds} seed(s); 95 % interval; "
+    lines = [f"### {preset}: summary, differences a − b in points of each measure's error rate (ABX error, frame "
+             f"phone error, CER; paired over {seeds} seed(s); 95 % interval; "
              "* = beyond the minimum detectable difference, MDD; negative: a is better; a PTLOC comparison is "
              "judged only on the sets where the positive control shows the measure sensitive)", "",
              "| comparison | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)] + lines
@@ -388,7 +439,7 @@ def _gap_lines(preset: str, result: dict) -> List[str]:
         found = (result.get("gap_vs_cer") or {}).get(measure)
         if found and len(found["rows"]) >= 3:
             rho = found["spearman"]
-            lines.append(f"Gap against {title} CER: Spearman ρ = {rho:+.2f} over {len(found['rows'])} pre-trained "
+            lines.append(f"Gap against {title} {UNIT[METRIC[measure]]}: Spearman ρ = {rho:+.2f} over {len(found['rows'])} pre-trained "
                          "checkpoints (mean gap over shards and seeds against mean CER over sets and seeds; "
                          "ρ > 0: a lower gap goes with a lower CER).")
     return lines + [""] if lines else []
@@ -410,7 +461,8 @@ def _step_size_lines(preset: str, result: dict) -> List[str]:
              "seeds and sets)", "",
              "| α/β | α | trajectory divergence ‖θ − θ_twin‖ / ‖θ_twin − θ_start‖ | outer-gradient change "
              "‖∇g(φ) − ∇g(θ)‖ / ‖∇g(θ)‖ | validation loss at θ − twin's (bits) | gap − twin's "
-             "| probe CER − twin (points) | fine-tuning CER − twin (points) |", "|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(f"{title} {UNIT[METRIC[m]]} − twin (points)" for m, title in MEASURES.items()) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(MEASURES)]
     for e in sweep:
         cells = [f"{e['ratio']:g}", f"{e['inner_lr']:g}" if e.get("inner_lr") else "–",
                  _stat(e["divergence"]), _stat(e["gradient_change"], 4),
@@ -451,18 +503,25 @@ def _paper_gain_line(result: dict, measure: str, prefix: str = "") -> str:
     low, high = PAPER_GAINS[kind]
     cells = []
     for s in result["sets"]:
-        reference = result["detectable"][measure][s].get("cer", {}).get("cssl1_mean")
+        reference = result["detectable"][measure][s].get(METRIC[measure], {}).get("cssl1_mean")
         cells.append(f"{100 * low * reference:.1f}–{100 * high * reference:.1f}" if reference else "–")
-    return f"| {prefix}the paper's {kind} gains ({100 * low:g}–{100 * high:g} % rel.) on CSSL.1's CER | " + " | ".join(cells) + " |"
+    return (f"| {prefix}the paper's {kind} gains ({100 * low:g}–{100 * high:g} % rel.) on CSSL.1's "
+            f"{UNIT[METRIC[measure]]} | ") + " | ".join(cells) + " |"
 
 
 def _cost_line(preset: str, result: dict) -> str:
     seconds = result.get("seconds")
     if not seconds:
         return ""
-    parts = ", ".join(f"{name} {value / 60:.0f}" for name, value in seconds.items())
-    return (f"Compute of {preset} ({len(result['seeds'])} seed(s)), the stages' own times summed: {parts} minutes; "
-            f"{sum(seconds.values()) / 3600:.1f} process-hours in all.\n")
+    names = {"pretraining": "pre-training", "phones": "ABX and phone probe", "probe": "CTC probe",
+             "finetune": "fine-tuning"}
+    parts = ", ".join(f"{names.get(name, name)} {value / 60:.1f}" for name, value in seconds.items())
+    measuring = sum(v for k, v in seconds.items() if k != "pretraining")
+    share = (f"; measuring is {measuring / seconds['pretraining']:.2f} of pre-training "
+             f"(ABX and phone probe alone {seconds.get('phones', 0.0) / seconds['pretraining']:.2f})"
+             if seconds.get("pretraining") else "")
+    return (f"Compute of {preset} ({len(result['seeds'])} seed(s)), the stages' own times summed: {parts} minutes"
+            f"{share}; {sum(seconds.values()) / 3600:.1f} process-hours in all.\n")
 
 
 def markdown(preset: str, result: dict) -> str:
@@ -494,39 +553,42 @@ def markdown(preset: str, result: dict) -> str:
         shown = {n: r for n, r in rows.items() if r[measure]}
         if not shown:
             continue
-        lines += [f"### {preset}: {title}, WER / CER (%) on the test sets, mean ± sd over {seeds} seed(s)", "",
+        metric, unit = METRIC[measure], UNIT[METRIC[measure]]
+        what = "WER / CER" if metric == "cer" else f"{unit}"
+        lines += [f"### {preset}: {title}, {what} (%) on the test sets, mean ± sd over {seeds} seed(s)", "",
                   "| checkpoint | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
         for row in shown.values():
-            cells = [f"{_cell(row[measure][s]['wer'])} / {_cell(row[measure][s]['cer'])}" if s in row[measure] else "–"
-                     for s in sets]
+            cells = [(f"{_cell(row[measure][s]['wer'])} / " if "wer" in row[measure][s] else "")
+                     + _cell(row[measure][s][metric]) if s in row[measure] else "–" for s in sets]
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
         detectable = result["detectable"][measure]
         cells = []
         for s in sets:
-            d = detectable[s].get("cer")
+            d = detectable[s].get(metric)
             if not d or not math.isfinite(d["mdd"]):
                 cells.append("n/a (one seed)")
             else:
                 need = f"; {d['seeds_for_5_percent_relative']} seeds for 5 % rel." if d["seeds_for_5_percent_relative"] else ""
                 cells.append(f"{100 * d['mdd']:.1f} ({100 * d['mdd_relative']:.0f} % rel.){need}")
-        lines.append("| minimum detectable CER difference | " + " | ".join(cells) + " |")
-        if any("paired_mdd" in detectable[s].get("cer", {}) for s in sets):
+        lines.append(f"| minimum detectable {unit} difference | " + " | ".join(cells) + " |")
+        if any("paired_mdd" in detectable[s].get(metric, {}) for s in sets):
             cells = []
             for s in sets:
-                d = detectable[s].get("cer") or {}
+                d = detectable[s].get(metric) or {}
                 if not math.isfinite(d.get("paired_mdd", math.nan)):
                     cells.append("n/a (one seed)" if seeds == 1 else "–")
                     continue
                 need = d["paired_seeds_for_5_percent_relative"]
                 cells.append(f"{100 * d['paired_mdd']:.1f} ({100 * d['paired_mdd_relative']:.0f} % rel.)"
                              + (f"; {need} seeds for 5 % rel." if need else ""))
-            lines.append("| … paired (PTLOC.1 − twin and − pass-matched) | " + " | ".join(cells) + " |")
+            source = _mdd_source(result, measure)
+            lines.append(f"| … paired ({source.replace(', smallest α/β', '')}) | " + " | ".join(cells) + " |")
         lines += [_paper_gain_line(result, measure), ""]
         floors = floors_line(result, measure)
         if floors:
             lines += [floors, ""]
         if result["comparisons"][measure]:
-            lines += [f"{title}: CER differences a − b (points, paired over seeds; relative to b; 95 % interval; "
+            lines += [f"{title}: {unit} differences a − b (points, paired over seeds; relative to b; 95 % interval; "
                       "* = beyond the minimum detectable difference: the pooled paired one for PTLOC.1 at the "
                       "smallest α/β against its twin and pass-matched CSSL and for the positive control, the pair's "
                       "own otherwise)", ""]

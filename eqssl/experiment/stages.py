@@ -19,8 +19,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from ..checkpoints import file_sha256
 from ..corpus.presets import RECIPES
 from .fairseq_log import per_shard, read_validations, trainings, validation_stats, validations
-from .plan import (CONTROL, CONTROL_LABEL, PACKAGE, PretrainRun, ReproduceError, finetune_sets, override_value,
-                   plan_pretraining, round1_ratios, rounds)
+from .plan import (CONTROL, CONTROL_LABEL, PACKAGE, PretrainRun, ReproduceError, finetune_sets, phone_sets,
+                   override_value, plan_pretraining, round1_ratios, rounds)
 from .statistics import mean
 
 MARKER = "eqssl_stage.json"
@@ -326,7 +326,7 @@ def random_init(chain: Chain, done: Dict[str, dict]) -> dict:
 
 def measure(chain: Chain, checkpoint: str) -> Dict[str, dict]:
     """eqssl-gap of one checkpoint on the validation batches of every pre-training shard."""
-    from ..cli.gap import measure_gap
+    from ..measures.gap import measure_gap
     from ..tasks.equilibrium_pretraining import discover_shards
 
     gap = chain.settings["gap"]
@@ -347,7 +347,7 @@ def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, ove
 
 def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
     """Stage: CTC fine-tuning of one pre-trained checkpoint on one set, then its test WER / CER."""
-    from ..cli.evaluate import evaluate
+    from ..measures.evaluation import evaluate
 
     folder = os.path.join(chain.folder, "finetune", name, set_name)
     record = finished(folder, pretrained_sha256)
@@ -373,7 +373,7 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
 
 
 def probe_config(chain: Chain):
-    from ..cli.probe import ProbeConfig
+    from ..measures.ctc_probe import ProbeConfig
 
     fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k not in ("fbank", "keep_features")}
     return ProbeConfig(seed=chain.seed, **fields)
@@ -381,10 +381,10 @@ def probe_config(chain: Chain):
 
 def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str], set_name: str) -> dict:
     """Stage: the frozen-upstream probe of one checkpoint (or FBANK) on one set, with its test WER / CER;
-    ``upstream``: an eqssl.cli.probe.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
+    ``upstream``: an eqssl.measures.features.Upstream, shared by the checkpoint's sets (it loads the encoder once)."""
     import torch
 
-    from ..cli.probe import probe
+    from ..measures.ctc_probe import probe
 
     folder = os.path.join(chain.folder, "probe", name, set_name)
     record = finished(folder, upstream_sha256)
@@ -402,6 +402,69 @@ def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str],
     print(f"{chain.tag} probe {name}/{set_name}: WER {100 * result['wer']:.1f} CER {100 * result['cer']:.1f} "
           f"({record['seconds']:.0f} s)", flush=True)
     return record
+
+
+def phones_config(chain: Chain) -> dict:
+    """The settings of ABX and the phone probe (``phones``): the layer scored, the splits."""
+    cfg = {"layer": 0, "train_split": "train_1h", "test_split": "test", **(chain.settings.get("phones") or {})}
+    cfg.setdefault("abx_split", cfg["test_split"])
+    return cfg
+
+
+def run_phones(chain: Chain, name: str, upstream, upstream_sha256: Optional[str], set_name: str) -> dict:
+    """Stage: ABX (within and across speakers, on the item file of ``phones.abx_split``, the test
+    split by default) and the phone probe (fitted on the train split, scored on the test split) of
+    one checkpoint (or FBANK) on one set, every layer; deterministic,
+    so the same checkpoint always gives the same record."""
+    from ..measures.abx import abx_of_upstream
+    from ..measures.phone_probe import phone_probe
+
+    folder = os.path.join(chain.folder, "phones", name, set_name)
+    record = finished(folder, upstream_sha256)
+    if record is not None:
+        return record
+    os.makedirs(folder, exist_ok=True)
+    start = time.time()
+    cfg = phones_config(chain)
+    data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
+    cache = os.path.join(chain.out, chain.preset, "features")
+    abx_start = time.time()
+    abx = abx_of_upstream(upstream, os.path.join(data, f"{cfg['abx_split']}.item"), cache)
+    abx_seconds = time.time() - abx_start
+    probed = phone_probe(upstream, data, cache, cfg["train_split"], cfg["test_split"])
+    layers = {str(layer): {"abx_within": abx[layer]["within"], "abx_across": abx[layer]["across"],
+                           "phone_error": probed[layer]["error"], "phone_frames": probed[layer]["frames"]}
+              for layer in sorted(abx)}
+    with open(os.path.join(folder, "phones.json"), "w") as f:
+        json.dump({"upstream": upstream.source, "set": set_name, "frame_step": upstream.frame_step,
+                   "layers": layers}, f, indent=2)
+    layer = str(cfg["layer"] if upstream.model is not None else 0)
+    if layer not in layers:
+        raise ReproduceError(f"{chain.settings['path']}: phones.layer {layer}: {name} has layers 0-{len(layers) - 1}")
+    record = mark_finished(folder, "phones.json", input_sha256=upstream_sha256, upstream=name, set=set_name,
+                           layers=layers, abx_split=cfg["abx_split"], abx_seconds=round(abx_seconds, 1),
+                           seconds=round(time.time() - start, 1))
+    shown = layers[layer]
+    print(f"{chain.tag} phones {name}/{set_name} (layer {layer}): ABX within {shown['abx_within']:.2f} % across "
+          f"{shown['abx_across']:.2f} %, phone error {shown['phone_error']:.1f} % ({record['seconds']:.0f} s)",
+          flush=True)
+    return record
+
+
+PHONE_MEASURES = {"abx_within": "abx_within", "abx_across": "abx_across", "phone_probe": "phone_error"}
+"""The report's measures (report.MEASURES) that a phones record holds, and its field of each (percent)."""
+
+
+def phone_measures(records: Dict[str, dict], layer: int) -> Dict[str, Dict[str, dict]]:
+    """Per measure and set, the report's cell of a checkpoint's phones records at ``layer`` (FBANK's
+    only one for FBANK): the error as a fraction. The layer is read here, not when the record was
+    made, so that every layer's record serves whichever one the settings fix."""
+    def at(record: dict) -> dict:
+        layers = record["layers"]
+        return layers["0"] if record.get("upstream") == "fbank" else layers[str(layer)]
+
+    return {measure: {s: {"error": at(r)[key] / 100} for s, r in records.items()}
+            for measure, key in PHONE_MEASURES.items()}
 
 
 class Progress:
@@ -569,7 +632,7 @@ def run_chain(chain: Chain) -> dict:
     """All stages of one (preset, seed): pre-training runs with their gaps, then the probe and
     fine-tuning of every checkpoint, ``chain.lanes`` stages at a time. Rounds >= 2 need the
     chain's α/β chosen (CHAIN_RATIO)."""
-    from ..cli.probe import FBANK, Upstream
+    from ..measures.features import FBANK, Upstream
 
     _quiet(chain)
     ratio = chain_ratio(chain)
@@ -578,17 +641,22 @@ def run_chain(chain: Chain) -> dict:
                              "round 1 has finished")
     plan = plan_pretraining(chain.preset, chain.settings, ratio)
     sets = finetune_sets(chain.preset, chain.settings)
+    measured = phone_sets(chain.preset, chain.settings)
     control = bool(chain.settings.get("control"))
     names = [n for r in plan for n in ([r.name, CONTROL] if r.name == "cssl.1" and control else [r.name])]
     tuned = finetuned({n: None for n in names}, chain.settings)
-    probed = (len(names) + fbank_probed(chain.settings)) * len(sets) if chain.settings.get("probe") else 0
+    upstreams = len(names) + (fbank_probed(chain.settings) or bool(measured))
+    probed = upstreams * len(sets) if chain.settings.get("probe") else 0
+    phoned = upstreams * len(measured)
     updates = {r.name: float(r.schedule.get("max_update", 0)) for r in plan}
     progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(control),
-                                "probe": float(probed), "fine-tuning": float(len(tuned) * len(sets))},
-                        len(names) + probed + len(tuned) * len(sets))
+                                "phones": float(phoned), "probe": float(probed),
+                                "fine-tuning": float(len(tuned) * len(sets))},
+                        len(names) + phoned + probed + len(tuned) * len(sets))
     done: Dict[str, dict] = {}
     trained: Dict[str, Tuple[Optional[dict], float]] = {}
     probes: Dict[str, Dict[str, dict]] = {}
+    phones: Dict[str, Dict[str, dict]] = {}
     tunes: Dict[str, Dict[str, dict]] = {}
     cache = os.path.join(chain.out, chain.preset, "features")
 
@@ -618,19 +686,31 @@ def run_chain(chain: Chain) -> dict:
             done[CONTROL] = random_init(chain, done)
 
     def probe_all(name: str) -> None:
-        """Every set's probe of one checkpoint (or FBANK), its encoder loaded once."""
-        probes[name] = {}
+        """Every set's measures of one checkpoint (or FBANK), its encoder loaded once: ABX and the
+        phone probe, then the CTC probe (all from the same cached features)."""
+        probes[name], phones[name] = {}, {}
         record = done.get(name)
-        upstream = None
-        for s in sets:
+        sha256 = None if record is None else record["sha256"]
+        loaded = []
+
+        def upstream() -> Upstream:
+            if not loaded:
+                loaded.append(Upstream(FBANK if record is None else os.path.join(chain.folder, name, record["checkpoint"])))
+            return loaded[0]
+
+        for s in measured:
+            start = time.time()
+            with stage(chain, f"phones {name}/{s}", os.path.join(chain.folder, "phones", name, s)), IN_PROCESS:
+                phones[name][s] = run_phones(chain, name, upstream(), sha256, s)
+            progress.step("phones", 1.0, time.time() - start)
+        probing = chain.settings.get("probe") and (record is not None or fbank_probed(chain.settings))
+        for s in sets if probing else {}:
             start = time.time()
             with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)), IN_PROCESS:
-                if upstream is None:
-                    upstream = Upstream(FBANK if record is None else os.path.join(chain.folder, name, record["checkpoint"]))
-                probes[name][s] = run_probe(chain, name, upstream, None if record is None else record["sha256"], s)
+                probes[name][s] = run_probe(chain, name, upstream(), sha256, s)
             progress.step("probe", 1.0, time.time() - start)
-        if record is not None and not chain.settings["probe"].get("keep_features", False):
-            # Its features serve only its own probes, which have all finished: the cache stays bounded.
+        if record is not None and not (chain.settings.get("probe") or {}).get("keep_features", False):
+            # Its features serve only its own measures, which have all finished: the cache stays bounded.
             shutil.rmtree(os.path.join(cache, record["sha256"]), ignore_errors=True)
 
     def finetune_one(name: str, s: str) -> None:
@@ -644,9 +724,9 @@ def run_chain(chain: Chain) -> dict:
         stages += pretraining(run)
         if run.name == "cssl.1" and control:
             stages.append(Stage(CONTROL, lambda: timed("control", 1.0, no_pretraining), ("cssl.1",)))
-    if fbank_probed(chain.settings):
+    if fbank_probed(chain.settings) or measured:
         stages.append(Stage("probe fbank", lambda: probe_all("fbank")))
-    if chain.settings.get("probe"):
+    if chain.settings.get("probe") or measured:
         stages += [Stage(f"probe {n}", lambda n=n: probe_all(n), (n,)) for n in names]
     stages += [Stage(f"finetune {n}/{s}", lambda n=n, s=s: timed("fine-tuning", 1.0, lambda: finetune_one(n, s)), (n,))
                for n in tuned for s in sets]  # last: the probes rank the checkpoints sooner
@@ -654,14 +734,23 @@ def run_chain(chain: Chain) -> dict:
 
     results = {}
     if "fbank" in probes:
-        results["fbank"] = {"pretraining": None, "finetune": {}, "probe": probes["fbank"]}
+        results["fbank"] = chain_row(chain, None, probes["fbank"], {}, phones.get("fbank", {}))
     for name in names:
-        results[name] = {"pretraining": done[name], "probe": probes.get(name, {}), "finetune": tunes.get(name, {})}
+        results[name] = chain_row(chain, done[name], probes.get(name, {}), tunes.get(name, {}), phones.get(name, {}))
     return results
+
+
+def chain_row(chain: Chain, pretraining: Optional[dict], probes: Dict[str, dict], tunes: Dict[str, dict],
+              phones: Dict[str, dict]) -> dict:
+    """One checkpoint's (or FBANK's) records of a chain, with the report's phone measures drawn from them."""
+    return {"pretraining": pretraining, "probe": probes, "finetune": tunes, "phones": phones,
+            **phone_measures(phones, phones_config(chain)["layer"])}
 
 
 def finetuned(done: Dict[str, dict], settings: dict) -> Dict[str, dict]:
     """The checkpoints that are fine-tuned: finetune.checkpoints (run names), or every one."""
+    if settings.get("controls_only"):
+        return {}
     chosen = settings["finetune"].get("checkpoints")
     return {n: r for n, r in done.items() if not chosen or n in chosen}
 
@@ -688,17 +777,18 @@ def collect_chain(chain: Chain) -> Optional[dict]:
             if done[CONTROL] is None:
                 return None
     sets = finetune_sets(chain.preset, chain.settings)
-    upstreams = {name: record["sha256"] for name, record in done.items()} if chain.settings.get("probe") else {}
-    if fbank_probed(chain.settings):
-        upstreams = {"fbank": None, **upstreams}
+    measured = phone_sets(chain.preset, chain.settings)
+    shas = {name: record["sha256"] for name, record in done.items()}
+    if fbank_probed(chain.settings) or measured:
+        shas = {"fbank": None, **shas}
     results = {}
-    for name, sha in upstreams.items():
-        probes = {s: finished(os.path.join(chain.folder, "probe", name, s), sha, False) for s in sets}
-        if any(r is None for r in probes.values()):
+    for name, sha in shas.items():
+        probed = chain.settings.get("probe") and (name != "fbank" or fbank_probed(chain.settings))
+        probes = {s: finished(os.path.join(chain.folder, "probe", name, s), sha, False) for s in (sets if probed else ())}
+        phones = {s: finished(os.path.join(chain.folder, "phones", name, s), sha, False) for s in measured}
+        if any(r is None for r in [*probes.values(), *phones.values()]):
             return None
-        results[name] = {"pretraining": done.get(name), "probe": probes, "finetune": {}}
-    for name, record in done.items():
-        results.setdefault(name, {"pretraining": record, "probe": {}, "finetune": {}})
+        results[name] = chain_row(chain, done.get(name), probes, {}, phones)
     for name, record in finetuned(done, chain.settings).items():
         tuned = {s: finished(os.path.join(chain.folder, "finetune", name, s), record["sha256"], False) for s in sets}
         if any(r is None for r in tuned.values()):
