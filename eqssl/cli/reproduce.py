@@ -54,11 +54,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("eqssl-reproduce: --seeds and --jobs must be at least 1")
     try:
         settings = load_settings(args.size, args.model)
-        if args.controls_only:
-            if not settings.get("phones") or not settings.get("positive_control"):
-                raise ReproduceError(f"{settings['path']}: --controls-only needs the phones and positive_control "
-                                     "fields (the measures and the known worse models)")
-            settings.update(controls_only=True, rounds=1, rounds_by_preset={}, probe=None)
         settings["preset_files"] = resolve_presets(args.preset, settings)
         args.preset = list(dict.fromkeys(preset_name(p) for p in args.preset))
         names = {CONTROL}
@@ -74,6 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "
                                  f"the runs are {', '.join(sorted(names))}")
+        if args.controls_only:  # after the checks of the whole plan: the settings file is the full run's
+            if not settings.get("phones") or not settings.get("positive_control"):
+                raise ReproduceError(f"{settings['path']}: --controls-only needs the phones and positive_control "
+                                     "fields (the measures and the known worse models)")
+            settings.update(controls_only=True, rounds=1, rounds_by_preset={}, probe=None)
     except (ReproduceError, CorpusError) as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
     if args.plan:  # runs nothing

@@ -630,6 +630,8 @@ def plan_table(preset: str, settings: dict) -> str:
         lines.append(f"| {r.name} | {r.round} | {r.init_from or 'scratch'} | {r.recipe} | {r.schedule['max_update']} | "
                      f"{r.schedule['lr']:g} | {f'{alpha:g}' if alpha else '–'} | {sums[r.name]:.4g} | "
                      f"{100 * sums[r.name] / sums['cssl.1']:.1f} % |")
+    if settings.get("controls_only"):  # no PTLOC run: no protocol to compare
+        return "\n".join(lines + [""])
     kind = pretraining_kind(preset, settings)
     paper = PAPER_PROTOCOL[kind]
     by = {r.name: r for r in runs}
