@@ -675,6 +675,16 @@ def test_controls_only_plans_the_positive_control_and_judges_it_by_its_own_sprea
     assert "| ABX across speakers: CSSL.1 − ½ budget |" in table
 
 
+def test_the_ctc_probe_runs_on_the_checkpoints_named():
+    from eqssl.experiment.stages import ctc_probed
+
+    settings = {"probe": {"fbank": True, "checkpoints": ["cssl.1", "none"]}}
+    assert [n for n in ("fbank", "cssl.1", "none", "ptloc.1.r10") if ctc_probed(n, settings)] == ["fbank", "cssl.1", "none"]
+    settings["probe"] = {"fbank": False}  # no list: every checkpoint
+    assert [n for n in ("fbank", "cssl.1", "ptloc.1.r10") if ctc_probed(n, settings)] == ["cssl.1", "ptloc.1.r10"]
+    assert not any(ctc_probed(n, {"probe": None}) for n in ("fbank", "cssl.1"))
+
+
 def test_the_floors_line_on_constructed_numbers():
     """Where CSSL.1's CER beats both floors (FBANK and random weights) the line says so; where it
     misses one, it names the set with the numbers; a measure without FBANK (fine-tuning) names

@@ -65,10 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             finetune_sets(preset, settings)  # fail on a bad set or run name before any work
             ratio = round1_ratios(settings)[0]  # later rounds' names do not depend on the ratio chosen
             names.update(r.name for r in plan_pretraining(preset, deepest, ratio))
-        unknown = [n for n in settings["finetune"].get("checkpoints") or [] if n not in names]
-        if unknown:
-            raise ReproduceError(f"{settings['path']}: finetune.checkpoints: unknown run(s) {unknown}; "
-                                 f"the runs are {', '.join(sorted(names))}")
+        for section in ("finetune", "probe"):
+            unknown = [n for n in (settings.get(section) or {}).get("checkpoints") or [] if n not in names]
+            if unknown:
+                raise ReproduceError(f"{settings['path']}: {section}.checkpoints: unknown run(s) {unknown}; "
+                                     f"the runs are {', '.join(sorted(names))}")
         if args.controls_only:  # after the checks of the whole plan: the settings file is the full run's
             if not settings.get("phones") or not settings.get("positive_control"):
                 raise ReproduceError(f"{settings['path']}: --controls-only needs the phones and positive_control "

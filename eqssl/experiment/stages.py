@@ -375,7 +375,7 @@ def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, s
 def probe_config(chain: Chain):
     from ..measures.ctc_probe import ProbeConfig
 
-    fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k not in ("fbank", "keep_features")}
+    fields = {k: v for k, v in (chain.settings.get("probe") or {}).items() if k not in ("fbank", "keep_features", "checkpoints")}
     return ProbeConfig(seed=chain.seed, **fields)
 
 
@@ -646,7 +646,7 @@ def run_chain(chain: Chain) -> dict:
     names = [n for r in plan for n in ([r.name, CONTROL] if r.name == "cssl.1" and control else [r.name])]
     tuned = finetuned({n: None for n in names}, chain.settings)
     upstreams = len(names) + (fbank_probed(chain.settings) or bool(measured))
-    probed = upstreams * len(sets) if chain.settings.get("probe") else 0
+    probed = sum(ctc_probed(n, chain.settings) for n in ["fbank", *names]) * len(sets)
     phoned = upstreams * len(measured)
     updates = {r.name: float(r.schedule.get("max_update", 0)) for r in plan}
     progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(control),
@@ -703,7 +703,7 @@ def run_chain(chain: Chain) -> dict:
             with stage(chain, f"phones {name}/{s}", os.path.join(chain.folder, "phones", name, s)), IN_PROCESS:
                 phones[name][s] = run_phones(chain, name, upstream(), sha256, s)
             progress.step("phones", 1.0, time.time() - start)
-        probing = chain.settings.get("probe") and (record is not None or fbank_probed(chain.settings))
+        probing = ctc_probed(name, chain.settings)
         for s in sets if probing else {}:
             start = time.time()
             with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)), IN_PROCESS:
@@ -759,6 +759,15 @@ def fbank_probed(settings: dict) -> bool:
     return bool(settings.get("probe")) and bool(settings["probe"].get("fbank", True))
 
 
+def ctc_probed(name: str, settings: dict) -> bool:
+    """Whether the CTC probe runs on a checkpoint (or "fbank"): ``probe.checkpoints`` (run names),
+    or every one; FBANK with ``probe.fbank``."""
+    if name == "fbank":
+        return fbank_probed(settings)
+    chosen = (settings.get("probe") or {}).get("checkpoints")
+    return bool(settings.get("probe")) and (not chosen or name in chosen)
+
+
 def collect_chain(chain: Chain) -> Optional[dict]:
     """run_chain's results from the stage records if every stage of the chain finished and
     verifies, else None; runs and changes nothing."""
@@ -783,7 +792,7 @@ def collect_chain(chain: Chain) -> Optional[dict]:
         shas = {"fbank": None, **shas}
     results = {}
     for name, sha in shas.items():
-        probed = chain.settings.get("probe") and (name != "fbank" or fbank_probed(chain.settings))
+        probed = ctc_probed(name, chain.settings)
         probes = {s: finished(os.path.join(chain.folder, "probe", name, s), sha, False) for s in (sets if probed else ())}
         phones = {s: finished(os.path.join(chain.folder, "phones", name, s), sha, False) for s in measured}
         if any(r is None for r in [*probes.values(), *phones.values()]):
