@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 LONGEST_FIRST = ("test_reproduce.py", "test_distributed.py", "test_bestrq.py", "test_cpc.py", "test_faults.py",
                  "test_fairseq_plugin.py", "test_bad_input.py", "test_export_hf.py", "test_locking.py",
                  "test_learning.py", "test_finetune.py", "test_presets.py", "test_evaluate.py", "test_recipes.py",
-                 "test_corpus.py", "test_export.py", "test_probe.py")
+                 "test_corpus.py", "test_alignments.py", "test_measures.py", "test_export.py", "test_probe.py")
 """Test files from the longest down (measured with --durations, docs/development.md); the rest
 take seconds. Under pytest-xdist they start in this order, so that the two workers end together
 (longest processing time first) instead of one finishing a long file alone."""

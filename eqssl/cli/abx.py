@@ -60,12 +60,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ItemFileError, DataError, CheckpointError, ValueError) as error:
         raise SystemExit(f"eqssl-abx: {error}")
     print(f"{args.upstream} on {args.item_file} (frames every {1000 * upstream.frame_step:g} ms)")
-    print("| layer | within (%) | across (%) |\n|---|---|---|")
+    print("| layer | within (%) | across (%) | phone pairs within / across |\n|---|---|---|---|")
     for layer, score in scores.items():
-        print(f"| {'fbank' if args.upstream == FBANK else layer} | {score['within']:.2f} | {score['across']:.2f} |")
+        print(f"| {'fbank' if args.upstream == FBANK else layer} | {score['within']:.2f} | {score['across']:.2f} | "
+              f"{score['within_pairs']} / {score['across_pairs']} |")
     if args.json:
-        result = (scores[0] if args.upstream == FBANK
-                  else {"layers": {str(layer): score for layer, score in scores.items()}})
+        plain = {layer: {k: score[k] for k in ("within", "across")} for layer, score in scores.items()}
+        result = plain[0] if args.upstream == FBANK else {"layers": {str(layer): v for layer, v in plain.items()}}
         with open(args.json, "x") as f:
             json.dump(result, f, indent=2)
     return 0

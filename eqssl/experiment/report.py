@@ -159,6 +159,8 @@ def aggregate(preset: str, settings: dict, per_seed: Dict[int, dict]) -> dict:
                 if all(c is not None for c in cells):
                     row[measure][set_name] = {metric: summarise([c[metric] for c in cells])
                                               for metric in ("wer", METRIC[measure]) if metric in cells[0]}
+                    if "pairs" in cells[0]:  # ABX: the fewest phone pairs a seed's score averages over
+                        row[measure][set_name]["pairs"] = min(c["pairs"] for c in cells)
         if pretraining[0]:
             for shard in pretraining[0]["gap"]:
                 row["gap"][shard] = {key: summarise([r["gap"][shard][key] for r in pretraining])
@@ -296,6 +298,16 @@ def floors_line(result: dict, measure: str) -> str:
         line += (". The measure is deterministic (no noise of its own), but one pre-training seed still is: "
                  "another seed's CSSL.1 would score differently")
     return line + "."
+
+
+FEW_PAIRS = 30
+"""An ABX score averaged over fewer (phone A, phone B) pairs than this says little: its cell says
+how many (the tiny corpus's splits have a handful of triphone cells)."""
+
+
+def _pairs_note(cell: dict) -> str:
+    pairs = cell.get("pairs")
+    return f" ({pairs} phone pairs)" if pairs is not None and pairs < FEW_PAIRS else ""
 
 
 def _cell(stat: dict) -> str:
@@ -559,7 +571,8 @@ def markdown(preset: str, result: dict) -> str:
                   "| checkpoint | " + " | ".join(heads) + " |", "|---|" + "---|" * len(sets)]
         for row in shown.values():
             cells = [(f"{_cell(row[measure][s]['wer'])} / " if "wer" in row[measure][s] else "")
-                     + _cell(row[measure][s][metric]) if s in row[measure] else "–" for s in sets]
+                     + _cell(row[measure][s][metric]) + _pairs_note(row[measure][s]) if s in row[measure] else "–"
+                     for s in sets]
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
         detectable = result["detectable"][measure]
         cells = []

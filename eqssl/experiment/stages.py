@@ -433,6 +433,7 @@ def run_phones(chain: Chain, name: str, upstream, upstream_sha256: Optional[str]
     abx_seconds = time.time() - abx_start
     probed = phone_probe(upstream, data, cache, cfg["train_split"], cfg["test_split"])
     layers = {str(layer): {"abx_within": abx[layer]["within"], "abx_across": abx[layer]["across"],
+                           "abx_within_pairs": abx[layer]["within_pairs"], "abx_across_pairs": abx[layer]["across_pairs"],
                            "phone_error": probed[layer]["error"], "phone_frames": probed[layer]["frames"]}
               for layer in sorted(abx)}
     with open(os.path.join(folder, "phones.json"), "w") as f:
@@ -463,8 +464,11 @@ def phone_measures(records: Dict[str, dict], layer: int) -> Dict[str, Dict[str, 
         layers = record["layers"]
         return layers["0"] if record.get("upstream") == "fbank" else layers[str(layer)]
 
-    return {measure: {s: {"error": at(r)[key] / 100} for s, r in records.items()}
-            for measure, key in PHONE_MEASURES.items()}
+    def cell(record: dict, key: str) -> dict:
+        found = at(record)
+        return {"error": found[key] / 100, **({"pairs": found[f"{key}_pairs"]} if f"{key}_pairs" in found else {})}
+
+    return {measure: {s: cell(r, key) for s, r in records.items()} for measure, key in PHONE_MEASURES.items()}
 
 
 class Progress:

@@ -259,7 +259,9 @@ def _average(groups: Mapping[Tuple[str, str, str], List[float]]) -> float:
 
 def abx(features: Mapping[str, torch.Tensor], items: Sequence[Item], frame_step: float,
         item_file: str = "items") -> dict:
-    """ABX error rates within and across speakers, in percent: ``{"within": .., "across": ..}``.
+    """ABX error rates within and across speakers, in percent: ``{"within": .., "across": ..}``,
+    with the number of (phone A, phone B) pairs each averages over (``within_pairs``,
+    ``across_pairs``): a score over a handful of pairs says little.
 
     ``features[file]`` is a (frames, dim) tensor with frame i at (i + 1/2) x ``frame_step`` s;
     ``item_file`` names the items in error messages. An item whose segment gets no frame is
@@ -292,7 +294,7 @@ def abx(features: Mapping[str, torch.Tensor], items: Sequence[Item], frame_step:
         segments.append(segment)
         kept.append(item)
     if not kept:
-        return {"within": math.nan, "across": math.nan}
+        return {"within": math.nan, "across": math.nan, "within_pairs": 0, "across_pairs": 0}
 
     frames = _normalise(torch.cat(segments))
     lengths = torch.tensor([len(s) for s in segments])
@@ -370,7 +372,8 @@ def abx(features: Mapping[str, torch.Tensor], items: Sequence[Item], frame_step:
                                     within=False)
                     for phone_b, error in zip(b_phones, errors):
                         across[(speaker, phone_a, phone_b)].append(float(error))
-    return {"within": _average(within), "across": _average(across)}
+    return {"within": _average(within), "across": _average(across),
+            "within_pairs": len({(a, b) for _, a, b in within}), "across_pairs": len({(a, b) for _, a, b in across})}
 
 
 def abx_of_upstream(upstream, item_file: str, cache: str, layers: Optional[Sequence[int]] = None,
