@@ -675,6 +675,25 @@ def test_controls_only_plans_the_positive_control_and_judges_it_by_its_own_sprea
     assert "| ABX across speakers: CSSL.1 − ½ budget |" in table
 
 
+def test_seeds_can_be_named(experiment, tmp_path):
+    """--seed names the seeds (a cell of the experiment): the report of seed 1 named is the report
+    of --seeds 1; a seed with no finished stage is left out, and alone it is refused."""
+    out, command, _ = experiment
+    report = [*command[:command.index("--out")], "--out", out, "--report"]
+    by_count = run([*report, "--seeds", "1"])
+    by_name = run([*report, "--seed", "1"])
+    assert by_count.returncode == by_name.returncode == 0, by_name.stdout[-2000:]
+    assert json.loads((out / "results.json").read_text())  # the run's own results stay
+    tables = sorted(out.glob("results.*.md"), key=lambda p: p.stat().st_mtime)[-2:]
+    assert tables[0].read_text() == tables[1].read_text()
+    more = run([*report, "--seed", "1", "7"])
+    assert more.returncode == 0 and "[multilingual seed 7]: not finished, left out of the tables" in more.stdout
+    alone = run([*report, "--seed", "7"])
+    assert alone.returncode != 0 and "no finished seed for multilingual" in alone.stdout
+    bad = run([*report, "--seed", "1", "1"])
+    assert bad.returncode != 0 and "distinct seeds >= 1" in bad.stdout
+
+
 def test_the_ctc_probe_runs_on_the_checkpoints_named():
     from eqssl.experiment.stages import ctc_probed
 

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "multi-domain model) or cpc (eq_cpc, the paper's multilingual model); the recipes are "
                         "recipes/pretrain/{cssl,ptloc}_[bestrq_|cpc_]<size's model>.yaml")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N (training and fine-tuning)")
+    parser.add_argument("--seed", type=int, nargs="+",
+                        help="the seeds named instead of 1..N, e.g. --seed 4 5 to add two seeds to an "
+                        "experiment in another session or on another machine (with rounds >= 2, the α rule "
+                        "reads the round 1 of the seeds named, unless OUT/PRESET/chain_ratio.json exists)")
     parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fairseq runs at once, each with cores/jobs threads: (preset, seed) chains side "
@@ -52,6 +56,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit("eqssl-reproduce: --seeds and --jobs must be at least 1")
+    if args.seed is not None and (min(args.seed) < 1 or len(set(args.seed)) != len(args.seed)):
+        raise SystemExit(f"eqssl-reproduce: --seed {' '.join(map(str, args.seed))}: distinct seeds >= 1")
     try:
         settings = load_settings(args.size, args.model)
         settings["preset_files"] = resolve_presets(args.preset, settings)

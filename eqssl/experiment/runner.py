@@ -79,10 +79,11 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
     Exit status 1 when a chain failed (the others finish and are tabulated)."""
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    count = len(args.preset) * args.seeds
+    seeds = sorted(args.seed) if getattr(args, "seed", None) else list(range(1, args.seeds + 1))
+    count = len(args.preset) * len(seeds)
     # fewer chains than jobs: the jobs left over run a chain's independent stages side by side
     lanes = max(1, args.jobs // count)
-    chains = [Chain(p, s, args.out, settings, threads, lanes) for p in args.preset for s in range(1, args.seeds + 1)]
+    chains = [Chain(p, s, args.out, settings, threads, lanes) for p in args.preset for s in seeds]
     results: Dict[str, Dict[int, dict]] = {p: {} for p in args.preset}
     failures: List[str] = []
     if not args.report:
