@@ -694,6 +694,18 @@ def test_seeds_can_be_named(experiment, tmp_path):
     assert bad.returncode != 0 and "distinct seeds >= 1" in bad.stdout
 
 
+def test_a_difference_from_an_error_of_zero_has_no_relative_change():
+    """ABX on the tiny corpus's few phone pairs can be exactly 0 %: the cell gives the difference alone."""
+    from eqssl.experiment.report import _difference_cell
+
+    cell = lambda mean: {"sv": {"error": {"mean": mean}}}  # noqa: E731
+    result = {"checkpoints": {"cssl.1": {"abx_across": cell(0.0)}, "none": {"abx_across": cell(0.0)}},
+              "detectable": {"abx_across": {"sv": {"error": {"mdd": math.nan, "sensitivity": "undetermined"}}}}}
+    pair = {"a": "cssl.1", "b": "none", "kind": "pre-training", "error": {"sv": {
+        "mean": 0.0, "sd": math.nan, "low": math.nan, "high": math.nan, "seeds": 1}}}
+    assert _difference_cell(result, "abx_across", pair, "sv") == "+0.0"
+
+
 def test_the_ctc_probe_runs_on_the_checkpoints_named():
     from eqssl.experiment.stages import ctc_probed
 

@@ -290,12 +290,15 @@ def floors_line(result: dict, measure: str) -> str:
     if ties:
         line += ("; ties on " + ", ".join(ties) + " (within the printed rounding"
                  + (f" or the measure's own noise with one seed, {100 * noise:.1f} points" if noise else "") + ")")
+    deterministic = seeds == 1 and KNOWN_NOISE.get(measure, 0.0) == 0.0
     if misses:
         line += "; not on " + ", ".join(misses) + (
+            ": with one pre-training seed nothing says whether that is the seed or a worse model (run --seeds 3)"
+            if deterministic else
             ": with one seed nothing says whether that is the measure's noise or a worse model (run --seeds 3)"
             if seeds == 1 else ": see the differences below for whether the miss is beyond the seeds' spread")
-    if seeds == 1 and noise == 0.0:
-        line += (". The measure is deterministic (no noise of its own), but one pre-training seed still is: "
+    if deterministic:
+        line += (". The measure is deterministic (no noise of its own), but one pre-training seed is not: "
                  "another seed's CSSL.1 would score differently")
     return line + "."
 
@@ -348,8 +351,9 @@ def _difference_cell(result: dict, measure: str, pair: dict, set_name: str, rela
     judged = pair["kind"] not in PTLOC_KINDS or verdict == SENSITIVE
     star = "*" if judged and math.isfinite(mdd) and abs(d["mean"]) > mdd else ""
     cell = f"{100 * d['mean']:+.1f}{star}"
-    if relative:
-        cell += f" ({100 * d['mean'] / result['checkpoints'][pair['b']][measure][set_name][metric]['mean']:+.0f} %)"
+    base = result["checkpoints"][pair["b"]][measure][set_name][metric]["mean"]
+    if relative and base:  # an error of 0 (ABX on a handful of phone pairs) has no relative change
+        cell += f" ({100 * d['mean'] / base:+.0f} %)"
     if math.isfinite(d["low"]):
         cell += f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
     if pair["kind"] in PTLOC_KINDS and verdict == INSENSITIVE:
