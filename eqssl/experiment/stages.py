@@ -345,15 +345,23 @@ def finetune_command(recipe: str, data: str, pretrained: str, save_dir: str, ove
             f"common.tensorboard_logdir={os.path.join(os.path.abspath(save_dir), 'tensorboard')}", *overrides]
 
 
+def measuring_stage(chain: Chain, kind: str, name: str, set_name: str, input_sha256: Optional[str]) -> tuple:
+    """(folder, record) of one measuring stage, OUT/PRESET/seedS/KIND/NAME/SET: its record if it
+    finished and still verifies, else None with the folder made, ready to run."""
+    folder = os.path.join(chain.folder, kind, name, set_name)
+    record = finished(folder, input_sha256)
+    if record is None:
+        os.makedirs(folder, exist_ok=True)
+    return folder, record
+
+
 def finetune(chain: Chain, name: str, pretrained: str, pretrained_sha256: str, set_name: str) -> dict:
     """Stage: CTC fine-tuning of one pre-trained checkpoint on one set, then its test WER / CER."""
     from ..measures.evaluation import evaluate
 
-    folder = os.path.join(chain.folder, "finetune", name, set_name)
-    record = finished(folder, pretrained_sha256)
+    folder, record = measuring_stage(chain, "finetune", name, set_name, pretrained_sha256)
     if record is not None:
         return record
-    os.makedirs(folder, exist_ok=True)
     settings = chain.settings["finetune"]
     data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
     start = time.time()
@@ -386,11 +394,9 @@ def run_probe(chain: Chain, name: str, upstream, upstream_sha256: Optional[str],
 
     from ..measures.ctc_probe import probe
 
-    folder = os.path.join(chain.folder, "probe", name, set_name)
-    record = finished(folder, upstream_sha256)
+    folder, record = measuring_stage(chain, "probe", name, set_name, upstream_sha256)
     if record is not None:
         return record
-    os.makedirs(folder, exist_ok=True)
     start = time.time()
     data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))
     result = probe(upstream.source, data, probe_config(chain), os.path.join(chain.out, chain.preset, "features"),
@@ -419,11 +425,9 @@ def run_phones(chain: Chain, name: str, upstream, upstream_sha256: Optional[str]
     from ..measures.abx import abx_of_upstream
     from ..measures.phone_probe import phone_probe
 
-    folder = os.path.join(chain.folder, "phones", name, set_name)
-    record = finished(folder, upstream_sha256)
+    folder, record = measuring_stage(chain, "phones", name, set_name, upstream_sha256)
     if record is not None:
         return record
-    os.makedirs(folder, exist_ok=True)
     start = time.time()
     cfg = phones_config(chain)
     data = os.path.abspath(os.path.join(chain.corpus, "finetune", set_name))

@@ -109,16 +109,23 @@ def model_frame_step(model) -> float:
     return math.prod(strides) / 16000
 
 
+def manifest_audio(manifest: str) -> List[str]:
+    """Absolute audio paths of a fairseq manifest (.tsv), in its order."""
+    from ..data.manifests import read_manifest
+
+    parsed = read_manifest(manifest)
+    return [parsed.audio_path(entry) for entry in parsed.entries]
+
+
 def item_audio(item_file: str, audio_root: Optional[str] = None) -> Dict[str, str]:
     """Each clip id of an ABX item file's ``#file`` column -> its audio: the rows of the manifest
     beside it (SPLIT.tsv for SPLIT.item, as eqssl-make-corpus writes them), or else every .flac
     or .wav under ``audio_root`` by its name without extension, as libri-light finds them."""
-    from ..data.manifests import DataError, read_manifest
+    from ..data.manifests import DataError
 
     manifest = os.path.splitext(item_file)[0] + ".tsv"
     if audio_root is None and os.path.isfile(manifest):
-        parsed = read_manifest(manifest)
-        paths = [parsed.audio_path(entry) for entry in parsed.entries]
+        paths = manifest_audio(manifest)
         where = manifest
     elif audio_root is not None:
         if not os.path.isdir(audio_root):

@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..data.manifests import DataError, read_manifest
-from .features import Upstream, cached_features
+from ..data.manifests import DataError
+from .features import Upstream, cached_features, manifest_audio
 
 SILENCE = "SIL"
 LABEL_STEP = 0.01
@@ -31,12 +31,6 @@ LABEL_STEP = 0.01
 RIDGE = 1e-3
 """λ, relative to the number of frames: the standardised features' Gram matrix has ones on its
 diagonal per frame, so this is a fixed, small share of it for every upstream."""
-
-
-def manifest_audio(folder: str, split: str) -> List[str]:
-    """Absolute audio paths of FOLDER/SPLIT.tsv, in manifest order."""
-    manifest = read_manifest(os.path.join(folder, f"{split}.tsv"))
-    return [manifest.audio_path(entry) for entry in manifest.entries]
 
 
 def read_frame_labels(folder: str, split: str, audio: Sequence[str]) -> List[List[str]]:
@@ -100,7 +94,7 @@ def fit_and_score(train_x: torch.Tensor, train_y: Sequence[str], test_x: torch.T
 def phone_probe(upstream: Upstream, folder: str, cache: str, train_split: str = "train_1h",
                 test_split: str = "test", layers: Optional[Sequence[int]] = None) -> Dict[int, dict]:
     """Per layer (all by default): the phone probe fitted on FOLDER's train split, scored on its test split."""
-    train_audio, test_audio = manifest_audio(folder, train_split), manifest_audio(folder, test_split)
+    train_audio, test_audio = (manifest_audio(os.path.join(folder, f"{split}.tsv")) for split in (train_split, test_split))
     train_labels = read_frame_labels(folder, train_split, train_audio)
     test_labels = read_frame_labels(folder, test_split, test_audio)
     train_features = cached_features(upstream, folder, train_split, cache, train_audio)
