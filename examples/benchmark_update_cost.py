@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="profile this many updates of the first M and K")
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--fairseq-args", action="append", default=[], help="extra fairseq-train flag (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table "
+                        "(eqssl-reproduce reads the machine's reference figure this way)")
     parser.add_argument("--m", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,6 +186,9 @@ def main() -> None:
         return
     ks = sorted(set(args.inner_steps) | {0})  # CSSL is the reference of every ratio
     rows = {(m, k): run_one(args, m, k) for m in args.shards for k in ks}
+    if args.json:
+        print(json.dumps(list(rows.values())))
+        return
     first = next(iter(rows.values()))
     print(f"{args.arch}: {first['params']:,} trainable parameters ({first['param_mb']:.1f} MB), max_tokens "
           f"{args.max_tokens} per shard, device {first['device']}, {first['threads']} threads, {args.precision}, median of "

@@ -44,7 +44,8 @@ def experiment(multilingual_corpus, tmp_path_factory):
     path = out / "settings.yaml"
     path.write_text(yaml.safe_dump(settings))
     # one chain and two jobs: the chain's independent stages run side by side
-    command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out, "--jobs", "2"]
+    command = ["eqssl-reproduce", "--preset", "multilingual", "--size", path, "--out", out, "--jobs", "2",
+               "--records", out / "records", "--reference-seconds", "0.1"]
     first = run(command, fresh=True)  # a new interpreter: its output includes what it prints as it imports
     assert first.returncode == 0, first.stdout[-3000:]
     return out, command, first.stdout
@@ -138,7 +139,9 @@ def test_results_file_has_every_cell(experiment):
         assert 0 < e["gradient_change"]["mean"] < 10
     assert steps[0]["gradient_change"]["mean"] < steps[1]["gradient_change"]["mean"]  # a larger step moves it more
     assert "| 100 | 0.005 |" in table  # beta = 0.1 x the tiny recipe's 5e-4 (multilingual proportions)
-    assert "validation loss per run" in table and "Probe feature cache of multilingual:" in table
+    assert "validation loss per run" in table
+    _, _, stdout = experiment
+    assert "probe feature cache: multilingual" in stdout
     # Each checkpoint's probe features are deleted once its probes have finished: only FBANK's stay.
     assert [p.name for p in (out / "multilingual" / "features").iterdir()] == ["fbank"]
     seconds = result["seconds"]
@@ -162,6 +165,149 @@ def test_one_chain_under_two_jobs_runs_its_independent_stages_side_by_side(exper
     assert max(starts.values()) < min(ends.values()), "\n".join(lines[min(starts.values()):max(ends.values()) + 1])
     for name, source in [("ptloc.2", "cssl.2"), ("ptloc.2.twin", "cssl.2.twin"), ("ptloc.2.off", "cssl.2")]:
         assert first(f"[multilingual seed 1] {source}: finished") < first(f"[multilingual seed 1] {name}: PTLOC.2")
+
+
+def records_report(settings, records) -> str:
+    """eqssl-reproduce --report --records: its output (the tables from the records alone)."""
+    report = run(["eqssl-reproduce", "--preset", "multilingual", "--size", settings, "--report", "--records", records])
+    assert report.returncode == 0, report.stdout[-3000:]
+    return report.stdout
+
+
+def test_records_alone_give_the_run_folders_tables(experiment, tmp_path):
+    """The records copied out of the run (as a fresh clone has them: no run folder, no checkpoint)
+    give the same tables, character for character, as the report of the run folder."""
+    import shutil
+
+    out, _, _ = experiment
+    records = tmp_path / "clone" / "results"
+    shutil.copytree(out / "records", records)
+    assert not list(records.rglob("*.pt")) and max(p.stat().st_size for p in records.rglob("*.json")) < 20_000
+    seed = records / "wav2vec2-settings" / "multilingual" / "seed1"
+    first = json.loads((seed / "ptloc.2.json").read_text())
+    assert first["parent"] == "cssl.2" and first["weights_sha256"] and first["commit"]
+    assert first["parent_weights_sha256"] == json.loads((seed / "cssl.2.json").read_text())["weights_sha256"]
+    assert first["reference_seconds"] == 0.1 and len(first["settings_sha256"]) == 64
+    assert json.loads((seed / "phones" / "fbank" / "sv.json").read_text())["parent_weights_sha256"] is None
+    settings = tmp_path / "clone" / "settings.yaml"
+    shutil.copy(out / "settings.yaml", settings)
+    printed = records_report(settings, records)
+    tables = (out / "results.md").read_text()
+    assert "\n" + tables + "\n(from the records under" in printed
+    assert "NOTE" not in printed
+
+
+def test_records_that_do_not_belong_together_are_refused(experiment, tmp_path):
+    """Pooling needs one settings hash; a chain link whose parent is other weights is reported; a
+    record with a missing field or bad JSON gets one line naming the file (and the field)."""
+    import shutil
+
+    out, _, _ = experiment
+    settings = tmp_path / "settings.yaml"
+    shutil.copy(out / "settings.yaml", settings)
+
+    def fresh(name: str):
+        records = tmp_path / name
+        shutil.copytree(out / "records", records)
+        return records, records / "wav2vec2-settings" / "multilingual" / "seed1"
+
+    def refused(records) -> str:
+        report = run(["eqssl-reproduce", "--preset", "multilingual", "--size", settings, "--report", "--records", records])
+        assert report.returncode != 0
+        return report.stdout.strip().splitlines()[-1]
+
+    records, seed = fresh("mixed")
+    path = seed / "phones" / "cssl.1" / "sv.json"
+    record = json.loads(path.read_text())
+    record["settings_sha256"] = "0" * 64
+    path.write_text(json.dumps(record))
+    line = refused(records)
+    assert "made under different settings cannot be pooled" in line and str(path) in line
+    changed = yaml.safe_load(settings.read_text())
+    changed["gap"]["batches"] = 3
+    other = tmp_path / "changed" / "settings.yaml"
+    other.parent.mkdir()
+    other.write_text(yaml.safe_dump(changed))
+    report = run(["eqssl-reproduce", "--preset", "multilingual", "--size", other, "--report", "--records",
+                  fresh("other")[0]])
+    assert report.returncode != 0 and "made under other settings" in report.stdout
+
+    records, seed = fresh("link")
+    path = seed / "ptloc.2.json"
+    record = json.loads(path.read_text())
+    record["parent_weights_sha256"] = "f" * 64
+    path.write_text(json.dumps(record))
+    printed = records_report(settings, records)
+    assert f"NOTE: {path}: started from or measured cssl.2 with weights ffffffffffff" in printed
+
+    records, seed = fresh("field")
+    path = seed / "finetune" / "ptloc.2" / "sv.json"
+    record = json.loads(path.read_text())
+    del record["record"]["cer"]
+    path.write_text(json.dumps(record))
+    assert refused(records) == f"eqssl-reproduce: {path}: missing field 'record.cer'"
+    path.write_text("{not json")
+    assert refused(records).startswith(f"eqssl-reproduce: {path}: not a readable record")
+
+
+def test_a_later_round_is_a_cell_that_recreates_its_start(experiment, tmp_path):
+    """--rounds 2 on a machine with the records but no run folder: round 1's runs that round 2
+    starts from are trained again (and not measured), their weights match the committed records
+    (same machine), and round 2's records come out the same as the whole chain's."""
+    import shutil
+
+    out, command, _ = experiment
+    records = tmp_path / "results"
+    shutil.copytree(out / "records", records)
+    seed = records / "wav2vec2-settings" / "multilingual" / "seed1"
+    before = {p: json.loads(p.read_text()) for p in seed.rglob("*.json") if not p.name.startswith("cell.")}
+    mine = tmp_path / "out"
+    (mine / "multilingual").mkdir(parents=True)
+    (mine / "multilingual" / "corpus").symlink_to((out / "multilingual" / "corpus").resolve())
+    cell = run(["eqssl-reproduce", "--preset", "multilingual", "--size", out / "settings.yaml", "--out", mine,
+                "--jobs", "2", "--records", records, "--reference-seconds", "0.1", "--rounds", "2"])
+    assert cell.returncode == 0, cell.stdout[-3000:]
+    assert "the α rule's choice recorded in" in cell.stdout
+    ran = sorted(p.name for p in (mine / "multilingual" / "seed1").iterdir() if (p / "train.log").exists())
+    ratio = json.loads((out / "multilingual" / "chain_ratio.json").read_text())["ratio"]
+    assert ran == sorted(["cssl.1", "cssl.2", "cssl.2.twin", f"ptloc.1.r{ratio:g}", "ptloc.1.off", "ptloc.2",
+                          "ptloc.2.off", "ptloc.2.twin"])
+    for name in ("cssl.1", f"ptloc.1.r{ratio:g}", "ptloc.1.off"):
+        assert f"records: {name} (seed 1) recreated here: its weights match the committed record's" in cell.stdout
+    assert not (mine / "multilingual" / "seed1" / "phones" / "cssl.1").exists()  # round 1 is not measured again
+    after = {p: json.loads(p.read_text()) for p in seed.rglob("*.json") if not p.name.startswith("cell.")}
+    assert after == before  # nothing rewritten, nothing new: the cell repeated the committed round 2
+    timing = json.loads(next(seed.glob("cell.rounds2-2*.json")).read_text())
+    assert timing["real_seconds"] > 0 and timing["estimate_seconds"] is None  # the tiny settings state no costs
+    assert "mean ± sd over 1 seed(s)" in cell.stdout  # the records complete the chain: its tables
+
+
+def test_the_plan_cuts_each_chain_into_cells_that_fit(tmp_path):
+    """--plan prints the cells of the small experiment with their estimates from the settings'
+    costs scaled by this machine's reference figure; a machine too slow for a round is refused,
+    with the round's longest step named."""
+    for model, preset in [("bestrq", "multidomain"), ("bestrq", "multilingual"), ("cpc", "multilingual")]:
+        plan = run(["eqssl-reproduce", "--model", model, "--preset", preset, "--size", "small", "--seeds", "3",
+                    "--jobs", "2", "--plan", "--reference-seconds", "0.08"])
+        assert plan.returncode == 0, plan.stdout[-3000:]
+        rows = [line for line in plan.stdout.splitlines() if line.startswith("| ") and "--rounds" in line]
+        rounds = 3 if preset == "multidomain" else 1
+        assert {row.split(" | ")[2] for row in rows} == {"1", "2", "3"}  # every seed
+        covered = [row.split(" | ")[3] for row in rows if row.split(" | ")[2] == "1"]
+        assert covered and covered[0].startswith("1") and covered[-1].endswith(str(rounds))
+        for row in rows:
+            estimate = row.split(" | ")[7]
+            assert estimate.endswith(" min") and float(estimate.split()[0]) <= 100, row
+    slow = reproduce_refuses("--model", "bestrq", "--preset", "multidomain", "--size", "small", "--plan",
+                             "--jobs", "2", "--reference-seconds", "1.0")
+    assert "multidomain round 1 alone needs about" in slow and "its longest step is train " in slow
+
+
+def test_the_reference_figure_is_this_machines_benchmark():
+    """The figure every record carries and the plan scales by: the benchmark's seconds per update."""
+    from eqssl.experiment.records import reference_seconds
+
+    assert 0.001 < reference_seconds() < 10
 
 
 # Early in the file: pytest-xdist gives a worker its next file when two tests are left, so a
@@ -290,7 +436,7 @@ def test_small_settings_follow_the_papers_proportions():
     multilingual = {r.name: r for r in plan_pretraining("multilingual", settings)}
     assert multilingual["ptloc.1.r10"].schedule["max_update"] == 1600 and "cssl.2" not in multilingual
     printed = run(["eqssl-reproduce", "--model", "bestrq", "--size", "small", "--preset", "multidomain", "--plan",
-                   "--out", "/nonexistent"])
+                   "--out", "/nonexistent", "--jobs", "2", "--reference-seconds", "0.087"])
     assert printed.returncode == 0, printed.stdout[-3000:]
     assert "| PTLOC.r length / CSSL.r length | 0.75 | 1500 / 2000 updates = 0.75 |" in printed.stdout
     assert "| Σ lr over PTLOC.r / over CSSL.r | 3.4 % | 5.2 % |" in printed.stdout

@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
 from .. import experiment
 from ..corpus.presets import CorpusError, preset_name
 from ..experiment.plan import (CONTROL, FAMILIES, ReproduceError, finetune_sets, load_settings, plan_pretraining,
-                               resolve_presets, round1_ratios)
+                               resolve_presets, round1_ratios, rounds)
+from ..experiment.records import REFERENCE_BENCHMARK, reference_seconds
 from ..experiment.report import plan_table
 from ..experiment.runner import run_experiment
 from ..locking import FolderLockedError, folder_lock
@@ -34,14 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the seeds named instead of 1..N, e.g. --seed 4 5 to add two seeds to an "
                         "experiment in another session or on another machine (with rounds >= 2, the α rule "
                         "reads the round 1 of the seeds named, unless OUT/PRESET/chain_ratio.json exists)")
-    parser.add_argument("--out", required=True, help="experiment folder (reruns continue it)")
+    parser.add_argument("--out", help="experiment folder (reruns continue it); not needed for --report --records")
+    parser.add_argument("--records", metavar="DIR",
+                        help="a folder tracked in git (e.g. results/): each finished stage's record is copied to "
+                        "DIR/<family>-<settings>/<preset>/seed<S>/<stage>.json with its weights' hash, its parent's, "
+                        "the commit, the settings' hash and the machine's reference benchmark figure; with --report, "
+                        "the tables are made from DIR alone (no run folder, no checkpoint) (docs/results.md \"Cells "
+                        "and records\")")
+    parser.add_argument("--rounds", metavar="A[-B]",
+                        help="a cell: run and measure rounds A to B of each chain only (e.g. 1, or 2-3); the earlier "
+                        "rounds' checkpoints they start from are recreated if not in OUT and checked against their "
+                        "records' weights hashes. --plan prints the cells and their commands")
+    parser.add_argument("--reference-seconds", type=float, metavar="S",
+                        help="this machine's reference benchmark figure, if measured already (else measured: about "
+                        "20 s; examples/benchmark_update_cost.py " + " ".join(REFERENCE_BENCHMARK) + ")")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fairseq runs at once, each with cores/jobs threads: (preset, seed) chains side "
                              "by side and, with fewer chains than jobs, a chain's independent stages side by "
                              "side (CSSL.1's runs beside CSSL.1 at half budget, probes beside PTLOC)")
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: print every pre-training run of a seed (start, updates, learning rates "
-                        "and their sum) and the protocol's proportions beside the paper's")
+                        "and their sum), the protocol's proportions beside the paper's, and the cells that fit a "
+                        "working session (cells.minutes) with their estimated wall time on this machine")
     parser.add_argument("--controls-only", action="store_true",
                         help="round 1's positive-control part alone: CSSL.1, its budget fractions "
                         "(positive_control), random init and FBANK, measured by ABX and the phone probe only "
@@ -58,6 +74,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("eqssl-reproduce: --seeds and --jobs must be at least 1")
     if args.seed is not None and (min(args.seed) < 1 or len(set(args.seed)) != len(args.seed)):
         raise SystemExit(f"eqssl-reproduce: --seed {' '.join(map(str, args.seed))}: distinct seeds >= 1")
+    if args.out is None and not (args.report and args.records) and not args.plan:
+        raise SystemExit("eqssl-reproduce: --out is required (except for --plan and --report --records)")
+    if args.rounds is not None:
+        try:
+            first, _, last = args.rounds.partition("-")
+            args.rounds = (int(first), int(last or first))
+            if not 1 <= args.rounds[0] <= args.rounds[1]:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"eqssl-reproduce: --rounds {args.rounds}: a round or a range of rounds, e.g. 1 or 2-3")
     try:
         settings = load_settings(args.size, args.model)
         settings["preset_files"] = resolve_presets(args.preset, settings)
@@ -83,11 +109,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             settings.update(controls_only=True, rounds=1, rounds_by_preset={}, probe=None)
     except (ReproduceError, CorpusError) as error:
         raise SystemExit(f"eqssl-reproduce: {error}")
+    if args.rounds is not None:
+        deepest = max(rounds(p, settings) for p in args.preset)
+        if args.rounds[1] > deepest:
+            raise SystemExit(f"eqssl-reproduce: --rounds {args.rounds[0]}-{args.rounds[1]}: {settings['path']} runs "
+                             f"{deepest} round(s)")
     if args.plan:  # runs nothing
         print("\n".join(plan_table(preset, settings) for preset in args.preset))
+        if settings.get("costs") and not args.controls_only:
+            from ..experiment.cells import cell_table
+
+            reference = args.reference_seconds or reference_seconds()
+            seeds = sorted(args.seed) if args.seed else list(range(1, args.seeds + 1))
+            command = f"eqssl-reproduce --model {args.model} --size {args.size} --jobs {args.jobs} --out OUT --records DIR"
+            try:
+                print(cell_table(args.preset, settings, seeds, args.jobs, reference,
+                                 float((settings.get("cells") or {}).get("minutes", 100)), command))
+            except ReproduceError as error:
+                raise SystemExit(f"eqssl-reproduce: {error}")
         return 0
     if args.report:  # reads finished records only, and never overwrites a results file
         return run_experiment(args, settings)
+    if args.records:
+        os.makedirs(args.records, exist_ok=True)
     try:
         with folder_lock(args.out, "eqssl-reproduce"):
             return run_experiment(args, settings)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -89,6 +91,17 @@ RETIRED = {
 }
 
 
+NOT_SETTINGS = ("path", "preset_files", "controls_only", "family", "sha256")
+"""Settings entries that are not part of what a record was computed under (where the file lies,
+what this invocation runs, the hash itself); the family is in the experiment's name."""
+
+
+def settings_sha256(settings: dict) -> str:
+    """The settings' hash: SHA-256 of their canonical JSON (comments and key order do not count)."""
+    kept = {k: v for k, v in settings.items() if k not in NOT_SETTINGS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
     """The experiment settings: recipes/reproduce/<size>.yaml, or a YAML file path; for a model
     family other than wav2vec 2.0 the fields under ``families.<family>`` replace the top-level ones."""
@@ -111,6 +124,7 @@ def load_settings(size_or_path: str, family: str = "wav2vec2") -> dict:
             settings[key] = {**settings[key], **value} if merge else value
     check_settings(path, settings)
     settings["family"] = family
+    settings["sha256"] = settings_sha256(settings)  # before any invocation's changes (--controls-only)
     settings["path"] = os.path.abspath(path)
     return settings
 

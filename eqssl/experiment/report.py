@@ -619,10 +619,6 @@ def markdown(preset: str, result: dict) -> str:
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {next(iter(row['passes'].values()))} |")
     lines += [""] + _rounds_lines(preset, result) + _gap_lines(preset, result) + _step_size_lines(preset, result)
     lines += _warning_lines(preset, result)
-    cache = result.get("feature_cache_bytes")
-    if cache is not None:
-        lines.append(f"Probe feature cache of {preset}: {cache / 1e6:.0f} MB (each checkpoint's features are deleted "
-                     "once its probes have finished).\n")
     return "\n".join(lines) + "\n" + _cost_line(preset, result)
 
 

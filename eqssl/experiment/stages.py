@@ -62,6 +62,20 @@ def mark_finished(folder: str, checkpoint: str, **extra) -> dict:
     return record
 
 
+def keep_record(chain: "Chain", done: Dict[str, dict], stage_name: str, record: dict, parent: Optional[str] = None,
+                pretrained: bool = False, recreated: bool = False) -> None:
+    """Copy a finished stage's record to the records folder, with its weights' hash (pre-training
+    and the control: ``pretrained``) and its parent's (the run it started from or measured)."""
+    if chain.records is None:
+        return
+    from .records import keep, weights_of
+
+    weights = weights_of(os.path.join(chain.folder, stage_name), record) if pretrained else None
+    parent_weights = weights_of(os.path.join(chain.folder, parent), done[parent]) if parent in done else None
+    keep(chain.records, chain.identity, chain.preset, chain.seed, stage_name, record, weights, parent, parent_weights,
+         recreated)
+
+
 FAIRSEQ_ENTRY_NOTICES = ("ignore:`torch.jit.script` is deprecated:FutureWarning",
                          "ignore::UserWarning:fairseq_cli.hydra_train")
 """Warning filters (``-W`` syntax) for the two notices fairseq's entry points print before any
@@ -137,6 +151,13 @@ class Chain:
     threads: int
     lanes: int = 1
     """Stages of this chain that run at once (each fairseq run with ``threads`` threads)."""
+    rounds: Optional[Tuple[int, int]] = None
+    """The rounds this run of the chain measures (first, last), a cell; None: every round. The
+    earlier rounds' checkpoints they start from are recreated if they are not on this machine."""
+    records: Optional[str] = None
+    """The records folder (eqssl.experiment.records) each finished stage's record is copied to."""
+    identity: Optional[dict] = None
+    """What every record of this run carries: experiment, settings_sha256, commit, reference_seconds."""
 
     @property
     def tag(self) -> str:
@@ -630,16 +651,94 @@ def pretrain_round1(chain: Chain) -> Dict[str, dict]:
         if run.round == 1:
             with stage(chain, run.name, os.path.join(chain.folder, run.name)):
                 done[run.name] = pretrain(chain, run, done)
+                keep_record(chain, done, run.name, done[run.name], run.init_from, pretrained=True)
             if run.name == "cssl.1" and chain.settings.get("control"):
                 with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)):
                     done[CONTROL] = random_init(chain, done)
+                    keep_record(chain, done, CONTROL, done[CONTROL], pretrained=True)
     return done
 
 
+@dataclass
+class Step:
+    """One stage of a chain as planned, before anything runs: what :func:`run_chain` runs and what
+    eqssl.experiment.cells estimates."""
+
+    name: str
+    kind: str
+    """train (a fairseq pre-training run), finish (its gap and record), control (random init),
+    measure (a checkpoint's or FBANK's ABX, phone probe and CTC probe on every set) or finetune."""
+    after: Tuple[str, ...] = ()
+    run: Optional[str] = None
+    """The pre-training run (or "fbank") it is about."""
+    set_name: Optional[str] = None
+    work: float = 1.0
+    """Its share of the chain for run_stages' ordering: updates x passes for a train step."""
+    passes: int = 0
+    """Shard batches a train step runs forward and backward (updates x shards x passes per update)."""
+    phone_sets: int = 0
+    probe_sets: int = 0
+    recreated: bool = False
+    """A run of an earlier round that a cell needs as its start: trained again, not measured."""
+
+
+def pretrain_shards(preset: str, settings: dict) -> int:
+    from .plan import preset_sets
+
+    return len(preset_sets(preset, settings).pretrain)
+
+
+def chain_steps(preset: str, settings: dict, ratio: Optional[float],
+                cell: Optional[Tuple[int, int]] = None) -> Tuple[List[PretrainRun], List[str], List[Step]]:
+    """(the pre-training runs, the checkpoints measured, every step) of one chain or of the cell of
+    its rounds ``cell`` (first, last): the cell's runs, the earlier runs they start from (recreated:
+    pre-training only), the measures of the cell's checkpoints (and of random init and FBANK with
+    round 1), and fine-tuning."""
+    plan = plan_pretraining(preset, settings, ratio)
+    first, last = cell or (1, max(r.round for r in plan))
+    wanted = {r.name for r in plan if first <= r.round <= last}
+    by_name, needed = {r.name: r for r in plan}, set(wanted)
+    stack = list(wanted)
+    while stack:  # the runs a cell's runs start from, and their twins, back to CSSL.1
+        run = by_name[stack.pop()]
+        for other in (run.init_from, run.twin):
+            if other and other not in needed:
+                needed.add(other)
+                stack.append(other)
+    plan = [r for r in plan if r.name in needed]
+    sets = finetune_sets(preset, settings)
+    measured = phone_sets(preset, settings)
+    control = bool(settings.get("control")) and first == 1
+    names = [n for r in plan if r.name in wanted for n in ([r.name, CONTROL] if r.name == "cssl.1" and control else [r.name])]
+    shards, k = pretrain_shards(preset, settings), int(settings["inner_steps"])
+    steps: List[Step] = []
+    for run in plan:
+        updates = int(run.schedule.get("max_update", 0))
+        per_update = 1 + k if run.ratio is not None else 1
+        sampled = override_value(run.overrides, "++task.shards_per_update")
+        source = (run.init_from,) if run.init_from else ()
+        recreated = run.name not in wanted
+        steps.append(Step(f"train {run.name}", "train", source, run.name, work=float(updates * per_update),
+                          passes=updates * per_update * (int(sampled) if sampled else shards), recreated=recreated))
+        steps.append(Step(run.name, "finish", (f"train {run.name}", *source, *((run.twin,) if run.twin else ())),
+                          run.name, work=0.0, recreated=recreated))
+        if run.name == "cssl.1" and control:
+            steps.append(Step(CONTROL, "control", ("cssl.1",), CONTROL))
+    if first == 1 and (fbank_probed(settings) or measured):
+        steps.append(Step("probe fbank", "measure", (), "fbank", phone_sets=len(measured),
+                          probe_sets=len(sets) if fbank_probed(settings) else 0))
+    if settings.get("probe") or measured:
+        steps += [Step(f"probe {n}", "measure", (n,), n, phone_sets=len(measured),
+                       probe_sets=len(sets) if ctc_probed(n, settings) else 0) for n in names]
+    steps += [Step(f"finetune {n}/{s}", "finetune", (n,), n, s)  # last: the probes rank the checkpoints sooner
+              for n in finetuned({n: None for n in names}, settings) for s in sets]
+    return plan, names, steps
+
+
 def run_chain(chain: Chain) -> dict:
-    """All stages of one (preset, seed): pre-training runs with their gaps, then the probe and
-    fine-tuning of every checkpoint, ``chain.lanes`` stages at a time. Rounds >= 2 need the
-    chain's α/β chosen (CHAIN_RATIO)."""
+    """All stages of one (preset, seed), or of the cell of its rounds ``chain.rounds``: pre-training
+    runs with their gaps, then the measures and fine-tuning of every checkpoint, ``chain.lanes``
+    stages at a time. Rounds >= 2 need the chain's α/β chosen (CHAIN_RATIO)."""
     from ..measures.features import FBANK, Upstream
 
     _quiet(chain)
@@ -647,20 +746,18 @@ def run_chain(chain: Chain) -> dict:
     if ratio is None and needs_chain_ratio(chain.preset, chain.settings):
         raise ReproduceError(f"{chain.tag}: rounds >= 2 need {CHAIN_RATIO}, which is chosen once every seed's "
                              "round 1 has finished")
-    plan = plan_pretraining(chain.preset, chain.settings, ratio)
+    plan, names, steps = chain_steps(chain.preset, chain.settings, ratio, chain.rounds)
+    by_name = {r.name: r for r in plan}
     sets = finetune_sets(chain.preset, chain.settings)
     measured = phone_sets(chain.preset, chain.settings)
-    control = bool(chain.settings.get("control"))
-    names = [n for r in plan for n in ([r.name, CONTROL] if r.name == "cssl.1" and control else [r.name])]
-    tuned = finetuned({n: None for n in names}, chain.settings)
-    upstreams = len(names) + (fbank_probed(chain.settings) or bool(measured))
-    probed = sum(ctc_probed(n, chain.settings) for n in ["fbank", *names]) * len(sets)
-    phoned = upstreams * len(measured)
     updates = {r.name: float(r.schedule.get("max_update", 0)) for r in plan}
-    progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(control),
+    count = {kind: sum(1 for s in steps if s.kind == kind) for kind in ("control", "finetune")}
+    phoned = sum(s.phone_sets for s in steps)
+    probed = sum(s.probe_sets for s in steps)
+    progress = Progress(chain, {"pre-training": sum(updates.values()), "control": float(count["control"]),
                                 "phones": float(phoned), "probe": float(probed),
-                                "fine-tuning": float(len(tuned) * len(sets))},
-                        len(names) + phoned + probed + len(tuned) * len(sets))
+                                "fine-tuning": float(count["finetune"])},
+                        len(plan) + count["control"] + phoned + probed + count["finetune"])
     done: Dict[str, dict] = {}
     trained: Dict[str, Tuple[Optional[dict], float]] = {}
     probes: Dict[str, Dict[str, dict]] = {}
@@ -673,25 +770,21 @@ def run_chain(chain: Chain) -> dict:
         function()
         progress.step(kind, work, time.time() - start)
 
-    def pretraining(run: PretrainRun) -> List[Stage]:
-        def fit() -> None:
-            with stage(chain, run.name, os.path.join(chain.folder, run.name)):
-                trained[run.name] = train(chain, run, done)
+    def fit(run: PretrainRun) -> None:
+        with stage(chain, run.name, os.path.join(chain.folder, run.name)):
+            trained[run.name] = train(chain, run, done)
 
-        def finish() -> None:
-            start = time.time()
-            with stage(chain, run.name, os.path.join(chain.folder, run.name)), IN_PROCESS:
-                done[run.name] = finish_pretraining(chain, run, done, *trained[run.name])
-            progress.step("pre-training", updates[run.name], trained[run.name][1] + time.time() - start)
-
-        passes = 1 + chain.settings["inner_steps"] if run.ratio is not None else 1
-        source = (run.init_from,) if run.init_from else ()
-        return [Stage(f"train {run.name}", fit, source, updates[run.name] * passes),
-                Stage(run.name, finish, (f"train {run.name}", *source, *((run.twin,) if run.twin else ())), 0.0)]
+    def finish(run: PretrainRun, recreated: bool) -> None:
+        start = time.time()
+        with stage(chain, run.name, os.path.join(chain.folder, run.name)), IN_PROCESS:
+            done[run.name] = finish_pretraining(chain, run, done, *trained[run.name])
+            keep_record(chain, done, run.name, done[run.name], run.init_from, pretrained=True, recreated=recreated)
+        progress.step("pre-training", updates[run.name], trained[run.name][1] + time.time() - start)
 
     def no_pretraining() -> None:
         with stage(chain, CONTROL, os.path.join(chain.folder, CONTROL)), IN_PROCESS:
             done[CONTROL] = random_init(chain, done)
+            keep_record(chain, done, CONTROL, done[CONTROL], pretrained=True)
 
     def probe_all(name: str) -> None:
         """Every set's measures of one checkpoint (or FBANK), its encoder loaded once: ABX and the
@@ -710,12 +803,14 @@ def run_chain(chain: Chain) -> dict:
             start = time.time()
             with stage(chain, f"phones {name}/{s}", os.path.join(chain.folder, "phones", name, s)), IN_PROCESS:
                 phones[name][s] = run_phones(chain, name, upstream(), sha256, s)
+                keep_record(chain, done, f"phones/{name}/{s}", phones[name][s], name)
             progress.step("phones", 1.0, time.time() - start)
         probing = ctc_probed(name, chain.settings)
         for s in sets if probing else {}:
             start = time.time()
             with stage(chain, f"probe {name}/{s}", os.path.join(chain.folder, "probe", name, s)), IN_PROCESS:
                 probes[name][s] = run_probe(chain, name, upstream(), sha256, s)
+                keep_record(chain, done, f"probe/{name}/{s}", probes[name][s], name)
             progress.step("probe", 1.0, time.time() - start)
         if record is not None and not (chain.settings.get("probe") or {}).get("keep_features", False):
             # Its features serve only its own measures, which have all finished: the cache stays bounded.
@@ -726,19 +821,20 @@ def run_chain(chain: Chain) -> dict:
         with stage(chain, f"finetune {name}/{s}", os.path.join(chain.folder, "finetune", name, s)):
             tunes.setdefault(name, {})[s] = finetune(chain, name, os.path.join(chain.folder, name, record["checkpoint"]),
                                                      record["sha256"], s)
+            keep_record(chain, done, f"finetune/{name}/{s}", tunes[name][s], name)
 
-    stages: List[Stage] = []
-    for run in plan:
-        stages += pretraining(run)
-        if run.name == "cssl.1" and control:
-            stages.append(Stage(CONTROL, lambda: timed("control", 1.0, no_pretraining), ("cssl.1",)))
-    if fbank_probed(chain.settings) or measured:
-        stages.append(Stage("probe fbank", lambda: probe_all("fbank")))
-    if chain.settings.get("probe") or measured:
-        stages += [Stage(f"probe {n}", lambda n=n: probe_all(n), (n,)) for n in names]
-    stages += [Stage(f"finetune {n}/{s}", lambda n=n, s=s: timed("fine-tuning", 1.0, lambda: finetune_one(n, s)), (n,))
-               for n in tuned for s in sets]  # last: the probes rank the checkpoints sooner
-    run_stages(stages, chain.lanes)
+    def action(step: Step) -> Callable[[], None]:
+        if step.kind == "train":
+            return lambda: fit(by_name[step.run])
+        if step.kind == "finish":
+            return lambda: finish(by_name[step.run], step.recreated)
+        if step.kind == "control":
+            return lambda: timed("control", 1.0, no_pretraining)
+        if step.kind == "measure":
+            return lambda: probe_all(step.run)
+        return lambda: timed("fine-tuning", 1.0, lambda: finetune_one(step.run, step.set_name))
+
+    run_stages([Stage(s.name, action(s), s.after, s.work) for s in steps], chain.lanes)
 
     results = {}
     if "fbank" in probes:
@@ -776,21 +872,32 @@ def ctc_probed(name: str, settings: dict) -> bool:
     return bool(settings.get("probe")) and (not chosen or name in chosen)
 
 
-def collect_chain(chain: Chain) -> Optional[dict]:
-    """run_chain's results from the stage records if every stage of the chain finished and
-    verifies, else None; runs and changes nothing."""
+Lookup = Callable[[str, Optional[str]], Optional[dict]]
+"""(a stage's path under the seed, e.g. ``phones/cssl.1/sv``, the SHA-256 of the checkpoint it
+started from or measured) -> its finished record, or None."""
+
+
+def run_folder_lookup(chain: Chain) -> Lookup:
+    """Records from the run folder: each stage's, if its checkpoint and its start still verify."""
+    return lambda path, input_sha256: finished(os.path.join(chain.folder, path), input_sha256, False)
+
+
+def collect_chain(chain: Chain, lookup: Optional[Lookup] = None, ratio: Optional[float] = None) -> Optional[dict]:
+    """run_chain's results from the stage records (the run folder's, or ``lookup``'s: the records
+    in git) if every stage of the chain finished, else None; runs and changes nothing."""
+    lookup = lookup or run_folder_lookup(chain)
     done: Dict[str, dict] = {}
-    ratio = chain_ratio(chain)
+    ratio = chain_ratio(chain) if ratio is None else ratio
     if ratio is None and needs_chain_ratio(chain.preset, chain.settings):
         return None
     for run in plan_pretraining(chain.preset, chain.settings, ratio):
         source = done[run.init_from] if run.init_from else None
-        record = finished(os.path.join(chain.folder, run.name), source["sha256"] if source else None, False)
+        record = lookup(run.name, source["sha256"] if source else None)
         if record is None:
             return None
         done[run.name] = record
         if run.name == "cssl.1" and chain.settings.get("control"):
-            done[CONTROL] = finished(os.path.join(chain.folder, CONTROL), None, False)
+            done[CONTROL] = lookup(CONTROL, None)
             if done[CONTROL] is None:
                 return None
     sets = finetune_sets(chain.preset, chain.settings)
@@ -801,13 +908,13 @@ def collect_chain(chain: Chain) -> Optional[dict]:
     results = {}
     for name, sha in shas.items():
         probed = ctc_probed(name, chain.settings)
-        probes = {s: finished(os.path.join(chain.folder, "probe", name, s), sha, False) for s in (sets if probed else ())}
-        phones = {s: finished(os.path.join(chain.folder, "phones", name, s), sha, False) for s in measured}
+        probes = {s: lookup(f"probe/{name}/{s}", sha) for s in (sets if probed else ())}
+        phones = {s: lookup(f"phones/{name}/{s}", sha) for s in measured}
         if any(r is None for r in [*probes.values(), *phones.values()]):
             return None
         results[name] = chain_row(chain, done.get(name), probes, {}, phones)
     for name, record in finetuned(done, chain.settings).items():
-        tuned = {s: finished(os.path.join(chain.folder, "finetune", name, s), record["sha256"], False) for s in sets}
+        tuned = {s: lookup(f"finetune/{name}/{s}", record["sha256"]) for s in sets}
         if any(r is None for r in tuned.values()):
             return None
         results[name]["finetune"] = tuned
