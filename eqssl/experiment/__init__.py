@@ -33,6 +33,10 @@ Read it from a settings file to a table:
 * :mod:`eqssl.experiment.plan`: the settings (recipes/reproduce/*.yaml) and the runs they ask for;
 * :mod:`eqssl.experiment.stages`: one (preset, seed) chain, stage by stage, with its records;
 * :mod:`eqssl.experiment.runner`: every chain, alone or in a pool;
+* :mod:`eqssl.experiment.records`: each finished stage's record in a folder kept in git
+  (``--records``), and the report from those records alone;
+* :mod:`eqssl.experiment.cells`: a chain cut into cells that fit a working session
+  (``--rounds``), with each cell's wall time estimated (``--plan``);
 * :mod:`eqssl.experiment.statistics` and :mod:`eqssl.experiment.report`: the tables;
 * :mod:`eqssl.experiment.fairseq_log`: the one reader of fairseq's log lines.
 
