@@ -303,6 +303,15 @@ def test_the_plan_cuts_each_chain_into_cells_that_fit(tmp_path):
     assert "multidomain round 1 alone needs about" in slow and "its longest step is train " in slow
 
 
+def test_a_cell_that_cannot_fit_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    refused = reproduce_refuses("--model", "bestrq", "--preset", "multidomain", "--size", "small", "--seed", "1",
+                                "--rounds", "1", "--jobs", "1", "--out", out, "--reference-seconds", "0.5")
+    assert "multidomain seed 1 rounds 1: about" in refused and "beyond a cell's 100 minutes" in refused
+    assert "its longest step is train " in refused
+    assert not (out / "multidomain").exists()  # no corpus, no run
+
+
 def test_the_reference_figure_is_this_machines_benchmark():
     """The figure every record carries and the plan scales by: the benchmark's seconds per update."""
     from eqssl.experiment.records import reference_seconds

@@ -192,7 +192,7 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
             for chain in chains:  # before any work: a cell that cannot fit is refused
                 corpus = not os.path.exists(os.path.join(chain.corpus, "corpus.json"))
                 first, last = cell or (1, rounds(chain.preset, settings))
-                if identity or cell:
+                if cell and len(chains) == 1:  # a cell is one chain; a whole run may take longer
                     estimates[chain.tag] = check_fits(chain.preset, settings, chain.seed, first, last, args.jobs,
                                                       identity["reference_seconds"] if identity else
                                                       float((settings.get("costs") or {}).get("reference_seconds", 1)),
