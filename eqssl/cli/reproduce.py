@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "records' weights hashes. --plan prints the cells and their commands")
     parser.add_argument("--reference-seconds", type=float, metavar="S",
                         help="this machine's reference benchmark figure, if measured already (else measured: about "
-                        "20 s; examples/benchmark_update_cost.py " + " ".join(REFERENCE_BENCHMARK) + ")")
+                        "20 s; --jobs copies of examples/benchmark_update_cost.py " + " ".join(REFERENCE_BENCHMARK)
+                        + " side by side, one thread each, their median)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fairseq runs at once, each with cores/jobs threads: (preset, seed) chains side "
                              "by side and, with fewer chains than jobs, a chain's independent stages side by "
@@ -119,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if settings.get("costs") and not args.controls_only:
             from ..experiment.cells import cell_table
 
-            reference = args.reference_seconds or reference_seconds()
+            reference = args.reference_seconds or reference_seconds(args.jobs)
             seeds = sorted(args.seed) if args.seed else list(range(1, args.seeds + 1))
             command = f"eqssl-reproduce --model {args.model} --size {args.size} --jobs {args.jobs} --out OUT --records DIR"
             try:

@@ -87,7 +87,7 @@ def identity_of(args: argparse.Namespace, settings: dict) -> Optional[dict]:
         return None
     from .records import code_commit, experiment_name, reference_seconds
 
-    reference = args.reference_seconds if args.reference_seconds else reference_seconds()
+    reference = args.reference_seconds if args.reference_seconds else reference_seconds(args.jobs)
     return {"experiment": experiment_name(settings), "settings_sha256": settings["sha256"], "commit": code_commit(),
             "reference_seconds": reference}
 
