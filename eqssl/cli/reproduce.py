@@ -126,8 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 print(cell_table(args.preset, settings, seeds, args.jobs, reference,
                                  float((settings.get("cells") or {}).get("minutes", 100)), command))
-            except ReproduceError as error:
-                raise SystemExit(f"eqssl-reproduce: {error}")
+            except ReproduceError as error:  # the plan is still printed; a run of such a cell is refused
+                print(f"No cells fit: {error}")
         return 0
     if args.report:  # reads finished records only, and never overwrites a results file
         return run_experiment(args, settings)
