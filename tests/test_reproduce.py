@@ -314,6 +314,18 @@ def test_a_cell_that_cannot_fit_is_refused_before_any_work(tmp_path):
     assert not (out / "multidomain").exists()  # no corpus, no run
 
 
+def test_a_one_round_chain_is_read_from_records_without_a_run_folder():
+    """CPC's multilingual chain has one round and two α/β: no α choice is read, and no OUT is needed."""
+    from eqssl.experiment.plan import load_settings
+    from eqssl.experiment.stages import Chain, collect_chain
+
+    settings = dict(load_settings("small", "cpc"), preset_files={})
+    asked = []
+    chain = Chain("multilingual", 1, None, settings, 1)
+    assert collect_chain(chain, lambda path, sha: asked.append(path)) is None
+    assert asked == ["cssl.1"]
+
+
 def test_the_reference_figure_is_this_machines_benchmark():
     """The figure every record carries and the plan scales by: the benchmark's seconds per update."""
     from eqssl.experiment.records import reference_seconds

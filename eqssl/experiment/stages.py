@@ -887,9 +887,10 @@ def collect_chain(chain: Chain, lookup: Optional[Lookup] = None, ratio: Optional
     in git) if every stage of the chain finished, else None; runs and changes nothing."""
     lookup = lookup or run_folder_lookup(chain)
     done: Dict[str, dict] = {}
-    ratio = chain_ratio(chain) if ratio is None else ratio
     if ratio is None and needs_chain_ratio(chain.preset, chain.settings):
-        return None
+        ratio = chain_ratio(chain)  # a one-round chain needs none (and a report from records has no OUT)
+        if ratio is None:
+            return None
     for run in plan_pretraining(chain.preset, chain.settings, ratio):
         source = done[run.init_from] if run.init_from else None
         record = lookup(run.name, source["sha256"] if source else None)
