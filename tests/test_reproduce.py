@@ -326,6 +326,23 @@ def test_a_one_round_chain_is_read_from_records_without_a_run_folder():
     assert asked == ["cssl.1"]
 
 
+def test_the_settings_hash_counts_what_results_depend_on():
+    """A record's settings hash changes with a setting that changes a result, not with the plan's
+    costs, the cell limit or another family's section."""
+    import copy
+
+    from eqssl.experiment.plan import load_settings, settings_sha256
+
+    settings = load_settings("small", "cpc")
+    other = copy.deepcopy(settings)
+    other["costs"]["pass_seconds"] *= 2
+    other["cells"] = {"minutes": 50}
+    other["families"]["bestrq"]["cssl1"] = {"max_update": 1}
+    assert settings_sha256(other) == settings_sha256(settings) == settings["sha256"]
+    other["cssl1"] = dict(other["cssl1"], max_update=601)
+    assert settings_sha256(other) != settings["sha256"]
+
+
 def test_the_reference_figure_is_this_machines_benchmark():
     """The figure every record carries and the plan scales by: the benchmark's seconds per update."""
     from eqssl.experiment.records import reference_seconds

@@ -91,9 +91,11 @@ RETIRED = {
 }
 
 
-NOT_SETTINGS = ("path", "preset_files", "controls_only", "family", "sha256")
-"""Settings entries that are not part of what a record was computed under (where the file lies,
-what this invocation runs, the hash itself); the family is in the experiment's name."""
+NOT_SETTINGS = ("path", "preset_files", "controls_only", "family", "sha256", "families", "costs", "cells")
+"""Settings entries that are not part of what a record was computed under: where the file lies,
+what this invocation runs, the hash itself; the family is in the experiment's name and its section
+is already merged (the other families' sections do not count); the plan's costs and cell limit
+change estimates, not results."""
 
 
 def settings_sha256(settings: dict) -> str:
