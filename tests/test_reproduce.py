@@ -280,6 +280,8 @@ def test_a_later_round_is_a_cell_that_recreates_its_start(experiment, tmp_path):
     timing = json.loads(next(seed.glob("cell.rounds2-2*.json")).read_text())
     assert timing["real_seconds"] > 0 and timing["estimate_seconds"] is None  # the tiny settings state no costs
     assert "mean ± sd over 1 seed(s)" in cell.stdout  # the records complete the chain: its tables
+    assert "[multilingual seed 1] cell cell.rounds2-2.json: " in cell.stdout  # its time, beside the tables
+    assert "estimated – (no costs)" in cell.stdout
 
 
 def test_the_plan_cuts_each_chain_into_cells_that_fit(tmp_path):

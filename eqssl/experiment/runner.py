@@ -147,6 +147,16 @@ def collect_from_records(chains: List[Chain], args: argparse.Namespace, settings
     found.check_settings()
     for line in found.broken_links():
         print(f"NOTE: {line}", flush=True)
+    for chain in chains:  # each cell's wall time beside its estimate (cell.*.json, written by the cell)
+        folder = os.path.join(args.records, found.experiment, chain.preset, f"seed{chain.seed}")
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if name.startswith("cell.") and name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    cell = json.load(f)
+                estimate = cell.get("estimate_seconds")
+                print(f"{chain.tag} cell {name}: {cell['real_seconds'] / 60:.1f} min, estimated "
+                      + (f"{estimate / 60:.1f} min" if estimate else "– (no costs)")
+                      + f" (reference figure {cell.get('reference_seconds')} s, --jobs {cell.get('jobs')})", flush=True)
     return results
 
 
