@@ -16,7 +16,7 @@ from ..experiment.plan import (CONTROL, FAMILIES, ReproduceError, finetune_sets,
                                resolve_presets, round1_ratios, rounds)
 from ..experiment.records import REFERENCE_BENCHMARK, reference_seconds
 from ..experiment.report import plan_table
-from ..experiment.runner import run_experiment
+from ..experiment.runner import run_experiment, seeds_of
 from ..locking import FolderLockedError, folder_lock
 
 
@@ -121,10 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from ..experiment.cells import cell_table
 
             reference = args.reference_seconds or reference_seconds(args.jobs)
-            seeds = sorted(args.seed) if args.seed else list(range(1, args.seeds + 1))
             command = f"eqssl-reproduce --model {args.model} --size {args.size} --jobs {args.jobs} --out OUT --records DIR"
             try:
-                print(cell_table(args.preset, settings, seeds, args.jobs, reference,
+                print(cell_table(args.preset, settings, seeds_of(args), args.jobs, reference,
                                  float((settings.get("cells") or {}).get("minutes", 100)), command))
             except ReproduceError as error:  # the plan is still printed; a run of such a cell is refused
                 print(f"No cells fit: {error}")

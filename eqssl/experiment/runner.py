@@ -9,11 +9,9 @@ import json
 import multiprocessing
 import os
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from typing import Optional
-
-from .plan import ReproduceError, choose_chain_ratio, plan_pretraining, rounds
+from .plan import ReproduceError, choose_chain_ratio, plan_pretraining
 from .report import aggregate, markdown
 from .stages import (CHAIN_RATIO, Chain, chain_ratio, collect_chain, make_corpus, needs_chain_ratio, new_path,
                      pretrain_round1, run_chain)
@@ -79,6 +77,11 @@ def choose_chain_ratios(out: str, settings: dict, round1: List[Tuple[Chain, dict
 def folder_bytes(folder: str) -> int:
     """The size of every file under a folder (0 if it does not exist)."""
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def seeds_of(args: argparse.Namespace) -> List[int]:
+    """The seeds named (--seed), else 1..--seeds."""
+    return sorted(args.seed) if getattr(args, "seed", None) else list(range(1, args.seeds + 1))
 
 
 def identity_of(args: argparse.Namespace, settings: dict) -> Optional[dict]:
@@ -164,15 +167,15 @@ def keep_cell(args: argparse.Namespace, identity: dict, chain: Chain, estimate, 
     """A cell's estimated and real wall time, beside its seed's records."""
     from .records import _write
 
-    first, last = chain.rounds or (1, 0)
+    what = f"rounds {chain.rounds[0]}-{chain.rounds[1]}" if chain.rounds else "the whole chain"
     path = os.path.join(args.records, identity["experiment"], chain.preset, f"seed{chain.seed}",
-                        f"cell.rounds{first}-{last}.json" if chain.rounds else "cell.json")
+                        "cell.rounds{}-{}.json".format(*chain.rounds) if chain.rounds else "cell.json")
     path = new_path(path)
     _write(path, {"preset": chain.preset, "seed": chain.seed, "rounds": list(chain.rounds) if chain.rounds else None,
                   "jobs": args.jobs, "estimate_seconds": round(estimate.seconds, 1) if estimate else None,
                   "real_seconds": round(seconds, 1), "reference_seconds": identity["reference_seconds"],
                   "commit": identity["commit"], "settings_sha256": identity["settings_sha256"]})
-    print(f"{chain.tag} cell of rounds {first}-{last}: {seconds / 60:.1f} min"
+    print(f"{chain.tag} cell of {what}: {seconds / 60:.1f} min"
           + (f" against an estimate of {estimate.seconds / 60:.1f} min" if estimate else "") + f" (recorded in {path})",
           flush=True)
 
@@ -184,7 +187,7 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
 
     start = time.time()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    seeds = sorted(args.seed) if getattr(args, "seed", None) else list(range(1, args.seeds + 1))
+    seeds = seeds_of(args)
     count = len(args.preset) * len(seeds)
     # fewer chains than jobs: the jobs left over run a chain's independent stages side by side
     lanes = max(1, args.jobs // count)
@@ -195,20 +198,18 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
               for p in args.preset for s in seeds]
     results: Dict[str, Dict[int, dict]] = {p: {} for p in args.preset}
     failures: List[str] = []
-    estimates = {}
-    try:
-        if not args.report:
-            limit = float((settings.get("cells") or {}).get("minutes", 100))
-            for chain in chains:  # before any work: a cell that cannot fit is refused
-                corpus = not os.path.exists(os.path.join(chain.corpus, "corpus.json"))
-                first, last = cell or (1, rounds(chain.preset, settings))
-                if cell and len(chains) == 1:  # a cell is one chain; a whole run may take longer
-                    estimates[chain.tag] = check_fits(chain.preset, settings, chain.seed, first, last, args.jobs,
-                                                      identity["reference_seconds"] if identity else
-                                                      float((settings.get("costs") or {}).get("reference_seconds", 1)),
-                                                      limit, corpus)
-    except ReproduceError as error:
-        raise SystemExit(f"eqssl-reproduce: {error}")
+    estimate = None
+    if cell and not args.report and len(chains) == 1:  # before any work: a cell (one chain) that cannot fit is refused
+        chain = chains[0]
+        # without --records no figure is measured: the costs' own machine is assumed
+        reference = identity["reference_seconds"] if identity else float((settings.get("costs") or {}).get(
+            "reference_seconds", 1))
+        try:
+            estimate = check_fits(chain.preset, settings, chain.seed, *cell, args.jobs, reference,
+                                  float((settings.get("cells") or {}).get("minutes", 100)),
+                                  not os.path.exists(os.path.join(chain.corpus, "corpus.json")))
+        except ReproduceError as error:
+            raise SystemExit(f"eqssl-reproduce: {error}")
     if not args.report:
         if identity:
             from .records import describe
@@ -241,7 +242,7 @@ def run_experiment(args: argparse.Namespace, settings: dict) -> int:
             failures += more
             if identity:
                 for chain, _ in finished:
-                    keep_cell(args, identity, chain, estimates.get(chain.tag), time.time() - start)
+                    keep_cell(args, identity, chain, estimate, time.time() - start)
             if cell is None:
                 for chain, found in finished:
                     results[chain.preset][chain.seed] = found
